@@ -1,0 +1,29 @@
+# The two commands a user needs: `make demo` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint install clean
+
+$(STAMP): requirements.txt setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade "pip" >/dev/null
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) scripts/run_demo.py $(if $(TEACHER),--teacher $(TEACHER),)
+
+clean:
+	rm -rf experiments tb_logger results datasets/demo
