@@ -42,3 +42,8 @@ def import_modules(package_name, package_file, suffix):
     folder = os.path.dirname(os.path.abspath(package_file))
     names = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(suffix + '.py'))
     return [importlib.import_module(f'{package_name}.{name}') for name in names]
+
+
+class OptionError(ValueError):
+    """Invalid user input (an option, a file, an image). The message names the offending key,
+    file or image; the command-line entry points print it as one line, without a traceback."""

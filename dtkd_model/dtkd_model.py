@@ -1,0 +1,248 @@
+"""DTKDModel: a student SR network trained with a task loss plus a scheduled distillation loss.
+
+L_total(t) = L_task(S, GT) + lambda(t) · L_KD(S, T)        (DTKD, Electronics 2026, Eqs. 5-9)
+
+- ``train.pixel_opt``: the task loss (the paper: L1 to the ground truth).
+- ``train.kd_opt``: the distillation loss, any registered loss (``DWTKDLoss`` in the paper;
+  ``L1Loss``, ``FourierKDLoss``, ``DTCWTKDLoss`` for the comparisons). Its ``loss_weight`` is the
+  final weight lambda_KD; the loss itself is built with weight 1 and scaled by the schedule.
+- ``train.kd_schedule``: how lambda grows (``linear`` from 0, the paper's; ``constant``; ``cosine``).
+- The teacher's output comes from the batch (``teacher``, a cached teacher result read by
+  ``PairedTeacherDataset``) or, when the batch has none, from an online teacher (``teacher`` block).
+
+Validation and testing reflect-pad the input to a multiple of the student's window and crop back,
+so any image size works; ``val.tile: {tile_size, tile_pad}`` switches to blended tiles.
+"""
+from collections import OrderedDict
+from copy import deepcopy
+from os import path as osp
+
+import torch
+from basicsr.losses import build_loss
+from basicsr.metrics import calculate_metric
+from basicsr.models.sr_model import SRModel
+from basicsr.utils import get_root_logger, imwrite, tensor2img
+from basicsr.utils.registry import MODEL_REGISTRY
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from dtkd_loss.dwt_kd_loss import band_group_discrepancy
+from dtkd_model.kd_schedule import KDWeightSchedule
+from dtkd_model.launch import OptionError
+from dtkd_model.tiling import forward_padded, tiled_forward
+
+
+@MODEL_REGISTRY.register()
+class DTKDModel(SRModel):
+    """Student training with response distillation from a (diffusion) teacher."""
+
+    def __init__(self, opt):
+        self._check_options(opt)
+        self.online_teacher = None
+        super().__init__(opt)
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _check_options(opt):
+        train = opt.get('train') or {}
+        if opt.get('is_train') and not train.get('pixel_opt'):
+            raise OptionError('train.pixel_opt: DTKDModel needs a task loss (the paper uses L1Loss)')
+        kd_opt = train.get('kd_opt')
+        if kd_opt is not None:
+            if not isinstance(kd_opt, dict) or 'type' not in kd_opt:
+                raise OptionError('train.kd_opt: expected a loss block with a type, e.g. {type: DWTKDLoss}')
+            weight = kd_opt.get('loss_weight', 1.0)
+            if not isinstance(weight, (int, float)) or weight < 0:
+                raise OptionError(f'train.kd_opt.loss_weight: expected a number >= 0, got {weight!r}')
+        val = opt.get('val') or {}
+        tile = val.get('tile')
+        if tile is not None:
+            if not isinstance(tile, dict) or not isinstance(tile.get('tile_size'), int) or tile['tile_size'] <= 0:
+                raise OptionError('val.tile.tile_size: expected a positive integer (LR pixels)')
+            if not isinstance(tile.get('tile_pad', 0), int) or tile.get('tile_pad', 0) < 0:
+                raise OptionError('val.tile.tile_pad: expected an integer >= 0 (LR pixels)')
+
+    def model_to_device(self, net):
+        # BasicSR passes device_ids=[current CUDA device] to DDP, which fails on a CPU process group.
+        if self.opt['dist'] and self.device.type == 'cpu':
+            net = net.to(self.device)
+            return DistributedDataParallel(net, find_unused_parameters=self.opt.get('find_unused_parameters', False))
+        return super().model_to_device(net)
+
+    def init_training_settings(self):
+        super().init_training_settings()
+        train_opt = self.opt['train']
+        kd_opt = deepcopy(train_opt.get('kd_opt'))
+        self.cri_kd = None
+        self.kd_schedule = None
+        if kd_opt is not None:
+            final_weight = float(kd_opt.pop('loss_weight', 1.0))
+            kd_opt['loss_weight'] = 1.0
+            self.cri_kd = build_loss(kd_opt).to(self.device)
+            self.kd_schedule = KDWeightSchedule.from_options(train_opt.get('kd_schedule'), final_weight,
+                                                             int(train_opt['total_iter']))
+        elif train_opt.get('kd_schedule') is not None:
+            raise OptionError('train.kd_schedule: given without train.kd_opt (no distillation loss to schedule)')
+        teacher_opt = self.opt.get('teacher')
+        if teacher_opt is not None and self.cri_kd is not None:
+            self.online_teacher = self._build_online_teacher(teacher_opt)
+        self.log_freq = int(self.opt.get('logger', {}).get('print_freq', 100))
+
+    def _build_online_teacher(self, teacher_opt):
+        from dtkd_model.resshift_teacher import ResShiftTeacher
+
+        if not isinstance(teacher_opt, dict) or 'opt' not in teacher_opt:
+            raise OptionError('teacher.opt: expected the path of a teacher option file, '
+                              'e.g. options/teacher/resshift_realsr_x4.yml')
+        teacher = ResShiftTeacher.from_options(teacher_opt['opt'], device=self.device,
+                                               precision=teacher_opt.get('precision', 'fp32'))
+        get_root_logger().info(f"Online teacher from {teacher_opt['opt']} "
+                               f"(precision {teacher_opt.get('precision', 'fp32')})")
+        return teacher
+
+    # ------------------------------------------------------------------ data
+    def feed_data(self, data):
+        super().feed_data(data)
+        self.teacher = data['teacher'].to(self.device) if 'teacher' in data else None
+
+    def get_teacher_output(self):
+        """The teacher's SR for the current batch, (B, C, sH, sW) in [0, 1].
+
+        Cached outputs arrive with the batch; otherwise the online teacher runs on the LQ.
+        """
+        if self.teacher is not None:
+            return self.teacher
+        if self.online_teacher is None:
+            raise OptionError('the training batch has no teacher output: set datasets.train.dataroot_teacher '
+                              '(cached teacher results) or a teacher block (online teacher)')
+        with torch.no_grad():
+            self.teacher = self.online_teacher.sample(self.lq).to(self.output.dtype)
+        return self.teacher
+
+    # ------------------------------------------------------------------ training
+    def optimize_parameters(self, current_iter):
+        self.optimizer_g.zero_grad(set_to_none=True)
+        self.output = self.net_g(self.lq)
+
+        loss_dict = OrderedDict()
+        l_task = self.cri_pix(self.output, self.gt)
+        l_total = l_task
+        loss_dict['l_task'] = l_task
+        if self.cri_kd is not None:
+            lam = self.kd_schedule(current_iter)
+            log_now = current_iter % self.log_freq == 0
+            # With lambda = 0 the teacher term does not change the gradient; skip it (and an online
+            # teacher's sampling) except when it is logged.
+            if lam > 0 or log_now:
+                teacher = self.get_teacher_output()
+                l_kd = self.cri_kd(self.output, teacher)
+                if lam > 0:
+                    l_total = l_total + lam * l_kd
+                loss_dict['l_kd'] = l_kd.detach()
+                if log_now:
+                    with torch.no_grad():
+                        groups = band_group_discrepancy(self.output.detach(), teacher)
+                    for name, value in groups.items():
+                        loss_dict[f'kd_{name}'] = value.mean()
+            loss_dict['lambda_kd'] = torch.tensor(lam, device=self.device)
+        l_total.backward()
+        self.optimizer_g.step()
+
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+        if self.ema_decay > 0:
+            self.model_ema(decay=self.ema_decay)
+
+    # ------------------------------------------------------------------ inference
+    def _window_multiple(self):
+        val_opt = self.opt.get('val') or {}
+        if val_opt.get('pad_multiple') is not None:
+            return int(val_opt['pad_multiple'])
+        return int(self.opt['network_g'].get('window_size', 1))
+
+    def _infer(self, net, lq):
+        scale = int(self.opt.get('scale', 1))
+        tile = (self.opt.get('val') or {}).get('tile')
+        if tile:
+            return tiled_forward(net, lq, scale, tile['tile_size'], tile.get('tile_pad', 0), self._window_multiple())
+        return forward_padded(net, lq, self._window_multiple(), scale)
+
+    def test(self):
+        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            self.output = self._infer(net, self.lq)
+        if was_training:
+            net.train()
+
+    # ------------------------------------------------------------------ validation
+    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
+        """SRModel's validation plus per-image metric records and, in test runs, result files."""
+        dataset_name = dataloader.dataset.opt['name']
+        val_opt = self.opt['val']
+        metrics_opt = val_opt.get('metrics') or {}
+        with_metrics = bool(metrics_opt)
+        if with_metrics:
+            self._initialize_best_metric_results(dataset_name)
+            self.metric_results = {metric: 0.0 for metric in metrics_opt}
+        recorder = self._results_recorder() if with_metrics and not self.opt['is_train'] else None
+
+        pbar = tqdm(total=len(dataloader), unit='image') if val_opt.get('pbar', False) else None
+        count = 0
+        for val_data in dataloader:
+            img_name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
+            self.feed_data(val_data)
+            self.test()
+            sr_img = tensor2img([self.output.detach().cpu()])
+            metric_data = {'img': sr_img}
+            if hasattr(self, 'gt'):
+                metric_data['img2'] = tensor2img([self.gt.detach().cpu()])
+                del self.gt
+            del self.lq
+            del self.output
+
+            if save_img:
+                if self.opt['is_train']:
+                    save_path = osp.join(self.opt['path']['visualization'], img_name, f'{img_name}_{current_iter}.png')
+                else:
+                    suffix = val_opt.get('suffix') or self.opt['name']
+                    save_path = osp.join(self.opt['path']['visualization'], dataset_name, f'{img_name}_{suffix}.png')
+                imwrite(sr_img, save_path)
+
+            if with_metrics:
+                values = {}
+                for name, mopt in metrics_opt.items():
+                    mopt = {k: v for k, v in mopt.items() if k not in ('better', 'optional')}
+                    values[name] = float(calculate_metric(metric_data, mopt))
+                    self.metric_results[name] += values[name]
+                if recorder is not None:
+                    recorder.add(dataset_name, img_name, values)
+            count += 1
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_description(f'Test {img_name}')
+        if pbar is not None:
+            pbar.close()
+
+        if with_metrics and count:
+            for metric in self.metric_results:
+                self.metric_results[metric] /= count
+                self._update_best_metric_result(dataset_name, metric, self.metric_results[metric], current_iter)
+            self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+            if recorder is not None:
+                recorder.write()
+
+    def _results_recorder(self):
+        """One recorder per test run, shared by all its datasets (summary files list every dataset)."""
+        if getattr(self, '_recorder', None) is None:
+            from dtkd_metric.report import ResultsRecorder
+
+            val_opt = self.opt['val']
+            self._recorder = ResultsRecorder(self.opt['path']['results_root'],
+                                             model_label=val_opt.get('model_label', self.opt['name']),
+                                             kd_label=val_opt.get('kd_label', self._kd_label()))
+        return self._recorder
+
+    def _kd_label(self):
+        kd_opt = (self.opt.get('train') or {}).get('kd_opt')
+        return kd_opt['type'] if kd_opt else '-'

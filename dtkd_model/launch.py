@@ -1,0 +1,274 @@
+"""Entry-point plumbing shared by ``dtkd-train`` and ``dtkd-test``.
+
+BasicSR's runners (``basicsr.train.train_pipeline`` and ``basicsr.test.test_pipeline``) are used
+unchanged. Three of the functions they call are replaced by safer equivalents before they run:
+
+- ``parse_options``: BasicSR 1.4.2 parses option files with PyYAML's full ``Loader`` (a YAML file
+  containing ``!!python/object/apply:os.system`` runs that command) and applies ``--force_yml``
+  with ``exec``/``eval``. Here option files go through ``yaml.safe_load`` and ``--force_yml``
+  values through ``yaml.safe_load`` with an explicit key walk.
+- distributed initialisation: BasicSR hard-codes NCCL and ``torch.cuda.set_device``, so it cannot
+  start without a GPU. Here the backend is NCCL when CUDA is available and gloo otherwise
+  (``dist_params.backend`` overrides), and device selection is skipped on the CPU.
+- ``load_resume_state``: BasicSR maps the state onto ``torch.cuda.current_device()``; here it is
+  loaded on the CPU (the optimizer moves it where its parameters are) with ``weights_only=True``.
+"""
+import argparse
+import collections
+import os
+import random
+import sys
+from os import path as osp
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from dtkd_compat import OptionError
+
+
+def register_all():
+    """Import every DTKD package so its classes enter BasicSR's registries."""
+    import dtkd_arch  # noqa: F401
+    import dtkd_data  # noqa: F401
+    import dtkd_loss  # noqa: F401
+    import dtkd_metric  # noqa: F401
+    import dtkd_model  # noqa: F401
+
+
+def load_yaml(path):
+    """Read an option file with the safe loader. Returns a dict; errors name the file."""
+    if not osp.isfile(path):
+        raise OptionError(f'option file {path!r} does not exist')
+    with open(path, encoding='utf-8') as f:
+        try:
+            opt = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise OptionError(f'option file {path!r} is not valid YAML (only plain YAML is accepted, '
+                              f'no python tags): {err}') from None
+    if not isinstance(opt, dict):
+        raise OptionError(f'option file {path!r}: expected a mapping at the top level')
+    return opt
+
+
+def apply_force_yml(opt, entries):
+    """Apply ``--force_yml a:b:c=value`` overrides. Values are parsed as YAML scalars/lists.
+
+    Like BasicSR, only existing keys can be overridden; unlike BasicSR, nothing is evaluated.
+    """
+    for entry in entries or []:
+        if '=' not in entry:
+            raise OptionError(f'--force_yml {entry!r}: expected key:subkey=value')
+        keys, value = entry.split('=', 1)
+        keys = [k.strip() for k in keys.strip().split(':')]
+        value = yaml.safe_load(value.strip())
+        node = opt
+        for i, key in enumerate(keys):
+            if not isinstance(node, dict) or key not in node:
+                raise OptionError(f'--force_yml {entry!r}: option {":".join(keys[:i + 1])!r} does not exist '
+                                  '(only existing keys can be overridden)')
+            if i == len(keys) - 1:
+                node[key] = value
+            else:
+                node = node[key]
+
+
+def _require(opt, key, where, kind=None):
+    if key not in opt or opt[key] is None:
+        raise OptionError(f'{where}{key}: required option is missing')
+    if kind is not None and not isinstance(opt[key], kind):
+        raise OptionError(f'{where}{key}: expected {kind.__name__}, got {type(opt[key]).__name__}')
+    return opt[key]
+
+
+def validate_options(opt, is_train):
+    """Check the options the runners need, before any directory is made or data read."""
+    _require(opt, 'name', '', str)
+    _require(opt, 'model_type', '', str)
+    datasets = _require(opt, 'datasets', '', dict)
+    if not datasets:
+        raise OptionError('datasets: at least one dataset block is required')
+    for phase, dopt in datasets.items():
+        if not isinstance(dopt, dict):
+            raise OptionError(f'datasets.{phase}: expected a mapping')
+        _require(dopt, 'type', f'datasets.{phase}.', str)
+        _require(dopt, 'name', f'datasets.{phase}.', str)
+        if is_train and phase.split('_')[0] not in ('train', 'val'):
+            raise OptionError(f'datasets.{phase}: training phases are named train or val_*')
+    if is_train:
+        if 'train' not in datasets:
+            raise OptionError('datasets.train: a training dataset block is required')
+        train = _require(opt, 'train', '', dict)
+        total = _require(train, 'total_iter', 'train.')
+        if not isinstance(total, int) or total <= 0:
+            raise OptionError(f'train.total_iter: expected a positive integer, got {total!r}')
+        _require(train, 'optim_g', 'train.', dict)
+        _require(train, 'scheduler', 'train.', dict)
+        logger = _require(opt, 'logger', '', dict)
+        _require(logger, 'print_freq', 'logger.')
+        _require(logger, 'save_checkpoint_freq', 'logger.')
+        if opt.get('val') is not None:
+            _require(opt['val'], 'val_freq', 'val.')
+    _require(opt, 'network_g', '', dict)
+    opt.setdefault('path', {})
+    if not isinstance(opt['path'], dict):
+        raise OptionError('path: expected a mapping')
+    for key, val in opt['path'].items():
+        if 'pretrain_network' in key and val is not None and not osp.isfile(osp.expanduser(val)):
+            raise OptionError(f'path.{key}: checkpoint {val!r} does not exist')
+    num_gpu = opt.get('num_gpu', 'auto')
+    if num_gpu != 'auto' and (not isinstance(num_gpu, int) or num_gpu < 0):
+        raise OptionError(f"num_gpu: expected 'auto' or a non-negative integer, got {num_gpu!r}")
+    if isinstance(num_gpu, int) and num_gpu > torch.cuda.device_count():
+        raise OptionError(f'num_gpu: {num_gpu} requested but {torch.cuda.device_count()} CUDA device(s) '
+                          "available; use num_gpu: auto (0 means CPU)")
+
+
+def init_distributed(launcher, dist_params=None):
+    """Initialise torch.distributed for ``--launcher pytorch|slurm`` on GPU or CPU."""
+    dist_params = dict(dist_params or {})
+    backend = dist_params.pop('backend', None) or ('nccl' if torch.cuda.is_available() else 'gloo')
+    if launcher == 'slurm':
+        proc_id = int(os.environ['SLURM_PROCID'])
+        ntasks = int(os.environ['SLURM_NTASKS'])
+        node_list = os.environ['SLURM_NODELIST']
+        import subprocess
+
+        addr = subprocess.getoutput(f'scontrol show hostname {node_list} | head -n1')
+        port = dist_params.pop('port', None)
+        os.environ['MASTER_PORT'] = str(port or os.environ.get('MASTER_PORT', '29500'))
+        os.environ['MASTER_ADDR'] = addr
+        os.environ['WORLD_SIZE'] = str(ntasks)
+        os.environ['RANK'] = str(proc_id)
+        n_local = max(torch.cuda.device_count(), 1)
+        os.environ['LOCAL_RANK'] = str(proc_id % n_local)
+    elif launcher != 'pytorch':
+        raise OptionError(f'--launcher: expected none, pytorch or slurm, got {launcher!r}')
+    for var in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
+        if var not in os.environ:
+            raise OptionError(f'--launcher {launcher}: environment variable {var} is not set; '
+                              'start the job with torchrun (or srun for slurm)')
+    if backend == 'nccl':
+        local_rank = int(os.environ.get('LOCAL_RANK', os.environ['RANK']))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend=backend)
+
+
+def parse_options(root_path, is_train=True, argv=None):
+    """Drop-in replacement for ``basicsr.utils.options.parse_options`` (same flags, same result)."""
+    from basicsr.utils import set_random_seed
+    from basicsr.utils.dist_util import get_dist_info
+
+    parser = argparse.ArgumentParser(prog='dtkd-train' if is_train else 'dtkd-test')
+    parser.add_argument('-opt', type=str, required=True, help='Path to option YAML file.')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none', help='job launcher')
+    parser.add_argument('--auto_resume', action='store_true')
+    parser.add_argument('--debug', action='store_true')
+    parser.add_argument('--local_rank', type=int, default=0)
+    parser.add_argument('--force_yml', nargs='+', default=None,
+                        help='Override existing options, e.g. train:ema_decay=0.999')
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    opt = load_yaml(args.opt)
+    apply_force_yml(opt, args.force_yml)
+    validate_options(opt, is_train)
+
+    if args.launcher == 'none':
+        opt['dist'] = False
+    else:
+        opt['dist'] = True
+        init_distributed(args.launcher, opt.get('dist_params'))
+    opt['rank'], opt['world_size'] = get_dist_info()
+
+    seed = opt.get('manual_seed')
+    if seed is None:
+        seed = random.randint(1, 10000)
+        opt['manual_seed'] = seed
+    set_random_seed(seed + opt['rank'])
+
+    opt['auto_resume'] = args.auto_resume
+    opt['is_train'] = is_train
+    if args.debug and not opt['name'].startswith('debug'):
+        opt['name'] = 'debug_' + opt['name']
+    if opt.get('num_gpu', 'auto') == 'auto':
+        opt['num_gpu'] = torch.cuda.device_count()
+
+    for phase, dataset in opt['datasets'].items():
+        dataset['phase'] = phase.split('_')[0]
+        if 'scale' in opt:
+            dataset['scale'] = opt['scale']
+        for key in ('dataroot_gt', 'dataroot_lq', 'dataroot_teacher'):
+            if dataset.get(key) is not None:
+                dataset[key] = osp.expanduser(dataset[key])
+
+    for key, val in opt['path'].items():
+        if val is not None and ('resume_state' in key or 'pretrain_network' in key):
+            opt['path'][key] = osp.expanduser(val)
+    opt['path'].setdefault('resume_state', None)
+
+    if is_train:
+        experiments_root = osp.join(root_path, 'experiments', opt['name'])
+        opt['path']['experiments_root'] = experiments_root
+        opt['path']['models'] = osp.join(experiments_root, 'models')
+        opt['path']['training_states'] = osp.join(experiments_root, 'training_states')
+        opt['path']['log'] = experiments_root
+        opt['path']['visualization'] = osp.join(experiments_root, 'visualization')
+        if 'debug' in opt['name']:
+            if opt.get('val') is not None:
+                opt['val']['val_freq'] = 8
+            opt['logger']['print_freq'] = 1
+            opt['logger']['save_checkpoint_freq'] = 8
+    else:
+        results_root = osp.join(root_path, 'results', opt['name'])
+        opt['path']['results_root'] = results_root
+        opt['path']['log'] = results_root
+        opt['path']['visualization'] = osp.join(results_root, 'visualization')
+    return opt, args
+
+
+# BasicSR's schedulers keep their milestones in a Counter; allow it for weights-only loading.
+torch.serialization.add_safe_globals([collections.Counter])
+
+
+def load_resume_state(opt):
+    """CPU-safe replacement for ``basicsr.train.load_resume_state``."""
+    from basicsr.utils import check_resume, scandir
+
+    resume_state_path = None
+    if opt['auto_resume']:
+        state_path = osp.join(opt['root_path'], 'experiments', opt['name'], 'training_states')
+        if osp.isdir(state_path):
+            states = [int(v.split('.state')[0]) for v in scandir(state_path, suffix='state')]
+            if states:
+                resume_state_path = osp.join(state_path, f'{max(states)}.state')
+                opt['path']['resume_state'] = resume_state_path
+    elif opt['path'].get('resume_state'):
+        resume_state_path = opt['path']['resume_state']
+        if not osp.isfile(resume_state_path):
+            raise OptionError(f'path.resume_state: {resume_state_path!r} does not exist')
+
+    if resume_state_path is None:
+        return None
+    resume_state = torch.load(resume_state_path, map_location='cpu', weights_only=True)
+    check_resume(opt, resume_state['iter'])
+    return resume_state
+
+
+def run(pipeline_module, pipeline_name, is_train):
+    """Run a BasicSR pipeline with the DTKD classes registered and the safe hooks installed.
+
+    Results go under the current working directory (``experiments/``, ``tb_logger/``, ``results/``).
+    Option errors are printed as one line and exit with status 2 (no traceback).
+    """
+    register_all()
+    pipeline_module.parse_options = lambda root_path, is_train=is_train: parse_options(root_path, is_train)
+    if is_train:
+        pipeline_module.load_resume_state = load_resume_state
+    try:
+        getattr(pipeline_module, pipeline_name)(os.getcwd())
+    except OptionError as err:
+        print(f'error: {err}', file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,90 @@
+"""Cost of distillation per training iteration: DTKDModel (cached teacher) vs BasicSR's SRModel.
+
+Both models train the same student on the same batch; their iterations are interleaved so that
+machine noise hits both alike, and the medians and their ratio are printed as Markdown.
+
+    python scripts/benchmark_train_step.py [--batch 4] [--lr-size 64] [--iters 20] [--device cpu]
+"""
+import argparse
+import copy
+import platform
+import statistics
+import time
+
+from dtkd_model.launch import register_all  # must precede basicsr
+
+# isort: split
+import torch
+from basicsr.models import build_model
+
+STUDENT = {'type': 'SwinIR', 'upscale': 4, 'in_chans': 3, 'img_size': 64, 'window_size': 8, 'img_range': 1.0,
+           'depths': [6, 6, 6, 6], 'embed_dim': 60, 'num_heads': [6, 6, 6, 6], 'mlp_ratio': 2,
+           'upsampler': 'pixelshuffledirect', 'resi_connection': '1conv'}
+
+
+def make_opt(model_type, device, total_iter, arch):
+    train = {'ema_decay': 0, 'optim_g': {'type': 'Adam', 'lr': 2e-4, 'betas': [0.9, 0.99]},
+             'scheduler': {'type': 'MultiStepLR', 'milestones': [10 ** 9], 'gamma': 0.5},
+             'total_iter': total_iter, 'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0}}
+    if model_type == 'DTKDModel':
+        train['kd_opt'] = {'type': 'DWTKDLoss', 'loss_weight': 2.0, 'level': 2, 'group_weights': [1, 2, 1]}
+    return {'name': 'bench', 'model_type': model_type, 'scale': 4, 'is_train': True, 'dist': False,
+            'rank': 0, 'world_size': 1, 'num_gpu': 1 if device == 'cuda' else 0,
+            'network_g': dict(STUDENT, type=arch), 'path': {}, 'train': train,
+            'logger': {'print_freq': 10 ** 9}}
+
+
+def machine():
+    name = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'
+    return f'{name}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}'
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--batch', type=int, default=4)
+    parser.add_argument('--lr-size', type=int, default=64, help='LR patch side (GT is 4x)')
+    parser.add_argument('--iters', type=int, default=20, help='timed iterations per model')
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--arch', default='SwinIR', help='student arch (SwinIR or FastSwinIR)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = parser.parse_args()
+
+    register_all()
+    torch.manual_seed(0)
+    total = 2 * (args.iters + args.warmup) + 2
+    models = {name: build_model(make_opt(name, args.device, total, args.arch)) for name in ('SRModel', 'DTKDModel')}
+    models['DTKDModel'].net_g.load_state_dict(models['SRModel'].net_g.state_dict())
+    s = args.lr_size
+    gt = torch.rand(args.batch, 3, 4 * s, 4 * s)
+    batch = {'lq': torch.nn.functional.interpolate(gt, scale_factor=0.25, mode='bicubic').clamp(0, 1), 'gt': gt}
+    kd_batch = dict(batch, teacher=(gt + 0.05 * torch.randn_like(gt)).clamp(0, 1))
+    sync = torch.cuda.synchronize if args.device == 'cuda' else (lambda: None)
+
+    times = {name: [] for name in models}
+    # The KD weight is > 0 from iteration 1 on (linear schedule), so every timed DTKD step pays for it.
+    for it in range(1, args.warmup + args.iters + 1):
+        for name, model in models.items():
+            model.feed_data(copy.copy(kd_batch if name == 'DTKDModel' else batch))
+            sync()
+            t0 = time.perf_counter()
+            model.optimize_parameters(it)
+            sync()
+            if it > args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+    print(f'Machine: {machine()}; device {args.device}; student {args.arch}; batch {args.batch}, '
+          f'LR {s}x{s} (GT {4 * s}x{4 * s}); median of {args.iters} interleaved iterations\n')
+    print('| model | ms / iteration | ratio to SRModel |')
+    print('|---|---|---|')
+    for name in ('SRModel', 'DTKDModel'):
+        print(f'| {name} | {med[name]:.1f} | {med[name] / med["SRModel"]:.3f} |')
+
+
+if __name__ == '__main__':
+    main()
