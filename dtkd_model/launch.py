@@ -124,6 +124,18 @@ def validate_options(opt, is_train):
                           "available; use num_gpu: auto (0 means CPU)")
 
 
+def resolve_metric_weights(opt):
+    """Stop now if a metric's weights are missing; drop optional metrics that cannot run."""
+    from dtkd_metric.weights import resolve_metrics
+
+    val = opt.get('val')
+    if not val or not val.get('metrics'):
+        return
+    val['metrics'], warnings = resolve_metrics(val['metrics'])
+    for warning in warnings:
+        print(f'warning: {warning}', file=sys.stderr)
+
+
 def init_distributed(launcher, dist_params=None):
     """Initialise torch.distributed for ``--launcher pytorch|slurm`` on GPU or CPU."""
     dist_params = dict(dist_params or {})
@@ -172,6 +184,7 @@ def parse_options(root_path, is_train=True, argv=None):
     opt = load_yaml(args.opt)
     apply_force_yml(opt, args.force_yml)
     validate_options(opt, is_train)
+    resolve_metric_weights(opt)
 
     if args.launcher == 'none':
         opt['dist'] = False
@@ -254,6 +267,13 @@ def load_resume_state(opt):
     return resume_state
 
 
+def _user_errors():
+    """Exceptions that describe bad input; they are printed as one line, without a traceback."""
+    from dtkd_metric.weights import MetricOptionError, MissingWeightsError
+
+    return (OptionError, MissingWeightsError, MetricOptionError)
+
+
 def run(pipeline_module, pipeline_name, is_train):
     """Run a BasicSR pipeline with the DTKD classes registered and the safe hooks installed.
 
@@ -261,12 +281,13 @@ def run(pipeline_module, pipeline_name, is_train):
     Option errors are printed as one line and exit with status 2 (no traceback).
     """
     register_all()
+    user_errors = _user_errors()
     pipeline_module.parse_options = lambda root_path, is_train=is_train: parse_options(root_path, is_train)
     if is_train:
         pipeline_module.load_resume_state = load_resume_state
     try:
         getattr(pipeline_module, pipeline_name)(os.getcwd())
-    except OptionError as err:
+    except user_errors as err:
         print(f'error: {err}', file=sys.stderr)
         raise SystemExit(2) from None
     finally:

@@ -144,3 +144,36 @@ def test_two_process_cpu_training_under_torchrun(tiny_pairs, tmp_path):
     assert (exp / 'models' / 'net_g_2.pth').is_file()
     log = open(glob.glob(str(exp / 'train_*.log'))[0]).read()
     assert 'World size (gpu number): 2' in log
+
+
+def _eval_options(tiny_pairs, ckpt, name, metrics):
+    return {
+        'name': name, 'model_type': 'DTKDModel', 'scale': 4, 'num_gpu': 0,
+        'datasets': {'test_1': {'name': 'tinyval', 'type': 'PairedTeacherDataset',
+                                'dataroot_gt': str(tiny_pairs / 'val_gt'), 'dataroot_lq': str(tiny_pairs / 'val_lq'),
+                                'io_backend': {'type': 'disk'}}},
+        'network_g': train_options(tiny_pairs, 'x')['network_g'],
+        'path': {'pretrain_network_g': ckpt, 'strict_load_g': True},
+        'val': {'save_img': False, 'metrics': metrics},
+    }
+
+
+def test_missing_metric_weights_stop_before_evaluating(trained, tiny_pairs, tmp_path):
+    work, _ = trained
+    ckpt = str(work / 'experiments' / 'tiny_dwt' / 'models' / 'net_g_latest.pth')
+    empty_hub = {'TORCH_HOME': str(tmp_path / 'torch_home')}
+    metrics = {'psnr': {'type': 'calculate_psnr', 'crop_border': 4}, 'lpips': {'type': 'calculate_lpips'}}
+    yml = write_yaml(tmp_path / 'lpips.yml', _eval_options(tiny_pairs, ckpt, 'needs_lpips', metrics))
+    proc = run_cli(['-m', 'dtkd_model.test', '-opt', yml], cwd=tmp_path, env_extra=empty_hub)
+    assert proc.returncode == 2
+    assert 'LPIPS_v0.1_alex' in proc.stderr and 'fetch_metric_weights.py' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'results' / 'needs_lpips').exists()
+
+    metrics['lpips']['optional'] = True
+    yml = write_yaml(tmp_path / 'lpips_opt.yml', _eval_options(tiny_pairs, ckpt, 'optional_lpips', metrics))
+    proc = run_cli(['-m', 'dtkd_model.test', '-opt', yml], cwd=tmp_path, env_extra=empty_hub)
+    assert_ok(proc)
+    assert 'Skipping optional metric "lpips"' in proc.stderr
+    summary = json.loads((tmp_path / 'results' / 'optional_lpips' / 'summary.json').read_text())
+    assert set(summary['tinyval']) == {'psnr'}
