@@ -43,12 +43,12 @@ def dump(opt, path):
     return path
 
 
-def student_options(data, iters, name):
+def student_options(data, iters, name, gt_size):
     opt = load('options/ablation/train_swinir_small_l1.yml')
     opt['name'] = name
     opt['num_gpu'] = 'auto'
     train = opt['datasets']['train']
-    train.update(dataroot_gt=data['train_gt'], dataroot_lq=data['train_lq'], gt_size=128, batch_size_per_gpu=4,
+    train.update(dataroot_gt=data['train_gt'], dataroot_lq=data['train_lq'], gt_size=gt_size, batch_size_per_gpu=4,
                  num_worker_per_gpu=1, dataset_enlarge_ratio=100)
     opt['datasets']['val'].update(name='demo_test', dataroot_gt=data['test_gt'], dataroot_lq=data['test_lq'])
     opt['train']['total_iter'] = iters
@@ -100,7 +100,7 @@ def main():
     if os.path.isfile(ckpt):
         print(f'reusing {ckpt}')
     else:
-        yml = dump(student_options(data, args.iters, name), os.path.join(work, 'options_demo', f'{name}.yml'))
+        yml = dump(student_options(data, args.iters, name, 64 if args.preset == 'tiny' else 128), os.path.join(work, 'options_demo', f'{name}.yml'))
         run([py, '-m', 'dtkd_model.train', '-opt', yml, '--auto_resume'])
     times['train'] = time.time() - t0
 
