@@ -100,7 +100,8 @@ def main():
     if os.path.isfile(ckpt):
         print(f'reusing {ckpt}')
     else:
-        yml = dump(student_options(data, args.iters, name, 64 if args.preset == 'tiny' else 128), os.path.join(work, 'options_demo', f'{name}.yml'))
+        opt = student_options(data, args.iters, name, gt_size=64 if args.preset == 'tiny' else 128)
+        yml = dump(opt, os.path.join(work, 'options_demo', f'{name}.yml'))
         run([py, '-m', 'dtkd_model.train', '-opt', yml, '--auto_resume'])
     times['train'] = time.time() - t0
 
