@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
+import dtkd_compat  # noqa: F401  (loaded before any test module, so basicsr imports anywhere in tests work)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -23,7 +25,6 @@ def photo(name):
 
 def bicubic_down(img_rgb, scale):
     """MATLAB-style bicubic down-sampling of an RGB uint8 image (BasicSR's ``imresize``)."""
-    import dtkd_compat  # noqa: F401
     from basicsr.utils.matlab_functions import imresize
 
     out = imresize(img_rgb.astype(np.float32) / 255.0, 1 / scale)
