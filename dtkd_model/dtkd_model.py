@@ -238,9 +238,10 @@ class DTKDModel(SRModel):
             from dtkd_metric.report import ResultsRecorder
 
             val_opt = self.opt['val']
+            better = {name: mopt.get('better') for name, mopt in (val_opt.get('metrics') or {}).items()}
             self._recorder = ResultsRecorder(self.opt['path']['results_root'],
                                              model_label=val_opt.get('model_label', self.opt['name']),
-                                             kd_label=val_opt.get('kd_label', self._kd_label()))
+                                             kd_label=val_opt.get('kd_label', self._kd_label()), better=better)
         return self._recorder
 
     def _kd_label(self):

@@ -269,9 +269,10 @@ def load_resume_state(opt):
 
 def _user_errors():
     """Exceptions that describe bad input; they are printed as one line, without a traceback."""
+    from dtkd_metric.perceptual_metric import WeightsLoadError
     from dtkd_metric.weights import MetricOptionError, MissingWeightsError
 
-    return (OptionError, MissingWeightsError, MetricOptionError)
+    return (OptionError, MissingWeightsError, MetricOptionError, WeightsLoadError)
 
 
 def run(pipeline_module, pipeline_name, is_train):
