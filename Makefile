@@ -8,7 +8,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): requirements.txt setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade "pip" >/dev/null
 	$(PY) -m pip install -r requirements.txt
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	@touch $(STAMP)
