@@ -28,6 +28,7 @@ EXPECTED = {
     'train_schedule_linear0p5.yml': ('DWTKDLoss', 2, [1, 2, 1], 'linear', 0.5),
     'train_schedule_linear1.yml': ('DWTKDLoss', 2, [1, 2, 1], 'linear', 1.0),
     'train_schedule_linear3.yml': ('DWTKDLoss', 2, [1, 2, 1], 'linear', 3.0),
+    'train_augkd.yml': ('L1Loss', None, None, 'constant', 0.2),
 }
 
 
@@ -44,7 +45,7 @@ def test_training_option_file(path):
 
     opt = load_yaml(path)
     validate_options(opt, is_train=True)
-    assert opt['model_type'] == 'DTKDModel'
+    assert opt['model_type'] == ('AugKDModel' if 'augkd' in path else 'DTKDModel')
     assert opt['network_g']['embed_dim'] == 60 and opt['network_g']['depths'] == [6, 6, 6, 6]
     assert opt['train']['pixel_opt'] == {'type': 'L1Loss', 'loss_weight': 1.0, 'reduction': 'mean'}
     expected = EXPECTED[os.path.basename(path)]
