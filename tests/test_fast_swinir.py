@@ -1,0 +1,271 @@
+"""FastSwinIR against BasicSR's SwinIR (the reference implementation) on shared weights."""
+import math
+
+import dtkd_compat  # noqa: F401, I001  (must precede basicsr)
+
+# isort: split
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from basicsr.archs.swinir_arch import SwinIR
+from basicsr.utils.registry import ARCH_REGISTRY
+
+from dtkd_arch.fast_swinir_arch import FastSwinIR, cpu_supports_bf16, reflect_pad_to_multiple
+
+PAPER = dict(upscale=4, img_size=64, window_size=8, img_range=1., depths=[6, 6, 6, 6], embed_dim=60,
+             num_heads=[6, 6, 6, 6], mlp_ratio=2, upsampler='pixelshuffledirect', resi_connection='1conv')
+TINY = dict(upscale=4, img_size=32, window_size=8, img_range=1., depths=[2, 3], embed_dim=12, num_heads=[2, 3],
+            mlp_ratio=2, upsampler='pixelshuffledirect', resi_connection='1conv')
+CONFIGS = {
+    'tiny_direct': TINY,
+    'pixelshuffle_x2_3conv': dict(TINY, upscale=2, upsampler='pixelshuffle', resi_connection='3conv'),
+    'pixelshuffle_x3_w4': dict(TINY, upscale=3, upsampler='pixelshuffle', window_size=4, img_size=16),
+    'nearest_conv': dict(TINY, upsampler='nearest+conv', depths=[2], num_heads=[3]),
+    'denoise_gray': dict(TINY, upscale=1, upsampler='', in_chans=1, img_range=255., patch_norm=False),
+    'qk_scale_no_qkv_bias': dict(TINY, qk_scale=0.3, qkv_bias=False, depths=[2], num_heads=[2]),
+}
+ATOL = 1e-4
+
+
+def _randomize(model, seed, gain=1.0):
+    """Weights far from BasicSR's near-identity init, so that attention, bias and masks matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if 'relative_position_bias_table' in name:
+                p.copy_(noise)
+            elif p.dim() >= 2:
+                fan_in = p[0].numel()
+                p.copy_(noise * gain / math.sqrt(fan_in))
+            elif name.endswith('norm1.weight') or name.endswith('norm2.weight') or name.endswith('norm.weight'):
+                p.copy_(1 + 0.2 * noise)
+            else:
+                p.copy_(0.05 * noise)
+
+
+def _pair(cfg, seed=0, gain=1.0):
+    ref = SwinIR(**cfg)
+    _randomize(ref, seed, gain)
+    fast = FastSwinIR(**cfg)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    return ref, fast
+
+
+def _max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize('name', ['paper'] + sorted(CONFIGS) + ['ape', 'small_img_size'])
+def test_state_dict_keys_and_shapes_match_basicsr(name):
+    cfg = {'paper': PAPER, 'ape': dict(TINY, ape=True), 'small_img_size': dict(TINY, img_size=6)}.get(name)
+    cfg = cfg or CONFIGS[name]
+    ref, fast = SwinIR(**cfg).state_dict(), FastSwinIR(**cfg).state_dict()
+    assert list(fast) == list(ref)
+    assert {k: tuple(v.shape) for k, v in fast.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+    # Buffers too: relative position indices and stored shift masks are value-identical.
+    for key, value in ref.items():
+        if key.endswith('relative_position_index') or key.endswith('attn_mask'):
+            assert torch.equal(fast[key], value), key
+
+
+def test_paper_config_parameter_count_and_registry():
+    model = ARCH_REGISTRY.get('FastSwinIR')(**PAPER)
+    assert sum(p.numel() for p in model.parameters()) == 929628
+
+
+def test_strict_loading_both_ways():
+    ref, fast = _pair(TINY, seed=1)
+    back = SwinIR(**TINY)
+    back.load_state_dict(fast.state_dict(), strict=True)
+    other = FastSwinIR(**TINY)
+    other.load_state_dict(back.state_dict(), strict=True)
+    x = torch.rand(1, 3, 16, 24)
+    with torch.no_grad():
+        assert _max_diff(back.eval()(x), ref.eval()(x)) == 0
+        assert _max_diff(other.eval()(x), ref(x)) < ATOL
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+@pytest.mark.parametrize('size', [(16, 24), (40, 32), (8, 8)])
+def test_eval_output_matches_basicsr(name, size):
+    cfg = CONFIGS[name]
+    ref, fast = _pair(cfg, seed=2)
+    ref.eval(), fast.eval()
+    x = torch.rand(2, cfg.get('in_chans', 3), *size)
+    with torch.no_grad():
+        expected, got = ref(x), fast(x)
+    assert got.shape == expected.shape
+    scale = expected.abs().max().item()
+    assert scale > 0.1  # non-trivial output, the tolerance below is meaningful
+    tol = ATOL * max(1.0, cfg.get('img_range', 1.0))
+    assert _max_diff(got, expected) < tol
+
+
+def test_paper_config_matches_basicsr_with_shifted_windows():
+    ref, fast = _pair(PAPER, seed=3, gain=0.7)
+    ref.eval(), fast.eval()
+    x = torch.rand(1, 3, 24, 32)  # 3 x 4 windows: interior, border and corner shifted windows
+    with torch.no_grad():
+        assert _max_diff(fast(x), ref(x)) < ATOL
+
+
+@pytest.mark.parametrize('img_size', [8, 4])
+def test_training_size_not_larger_than_window(img_size):
+    # BasicSR shrinks the window to the training size and drops the shift.
+    cfg = dict(TINY, img_size=img_size)
+    ref, fast = _pair(cfg, seed=4)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert _max_diff(fast.eval()(x), ref.eval()(x)) < ATOL
+
+
+@pytest.mark.parametrize('size', [(13, 21), (9, 30), (5, 7), (17, 8)])
+def test_any_size_matches_reflect_padded_reference(size):
+    ref, fast = _pair(TINY, seed=5)
+    ref.eval(), fast.eval()
+    h, w = size
+    x = torch.rand(1, 3, h, w)
+    pad_h, pad_w = (-h) % 8, (-w) % 8
+    with torch.no_grad():
+        expected = ref(F.pad(x, (0, pad_w, 0, pad_h), mode='reflect'))[:, :, :4 * h, :4 * w]
+        got = fast(x)
+    assert got.shape == (1, 3, 4 * h, 4 * w)
+    assert _max_diff(got, expected) < ATOL
+
+
+def test_reflect_pad_tiny_inputs():
+    x = torch.arange(6.).view(1, 1, 2, 3)
+    y = reflect_pad_to_multiple(x, 8)
+    assert y.shape == (1, 1, 8, 8)
+    # Reflection without repeating the edge: columns 0 1 2 1 0 1 2 1, rows 0 1 0 1 ...
+    assert y[0, 0, 0].tolist() == [0, 1, 2, 1, 0, 1, 2, 1]
+    assert y[0, 0, :, 0].tolist() == [0, 3, 0, 3, 0, 3, 0, 3]
+    model = FastSwinIR(**TINY).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 1, 3)).shape == (1, 3, 4, 12)
+
+
+def test_train_mode_outputs_and_gradients_match_basicsr():
+    cfg = dict(TINY, drop_path_rate=0.2)  # stochastic depth on: same random draws in the same order
+    ref, fast = _pair(cfg, seed=6)
+    ref.train(), fast.train()
+    x = torch.rand(2, 3, 16, 24)
+    target = torch.rand(2, 3, 64, 96)
+    outs = []
+    for model in (ref, fast):
+        torch.manual_seed(123)
+        out = model(x)
+        F.mse_loss(out, target).backward()
+        outs.append(out.detach())
+    assert _max_diff(outs[0], outs[1]) < ATOL
+    ref_grads = dict(ref.named_parameters())
+    checked = 0
+    for name, p in fast.named_parameters():
+        ga, gf = ref_grads[name].grad, p.grad
+        assert gf is not None, name
+        tol = 1e-4 * max(1.0, ga.abs().max().item())
+        assert _max_diff(gf, ga) < tol, name
+        checked += 1
+    assert checked == len(ref_grads)
+    assert fast.layers[0].residual_group.blocks[1].attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
+def test_use_checkpoint_gives_the_same_gradients():
+    plain = FastSwinIR(**dict(TINY, drop_path_rate=0.))
+    _randomize(plain, 7)
+    ckpt = FastSwinIR(**dict(TINY, drop_path_rate=0., use_checkpoint=True))
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.rand(1, 3, 16, 16)
+    for model in (plain, ckpt):
+        model.train()
+        model(x).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert _max_diff(a.grad, b.grad) < 1e-6 * max(1.0, a.grad.abs().max().item()), name
+
+
+def test_mask_cache_follows_parameter_updates():
+    ref, fast = _pair(TINY, seed=8)
+    x = torch.rand(1, 3, 16, 16)
+    fast.eval()
+    with torch.no_grad():
+        before = fast(x)  # fills the folded-mask cache
+    # One training step that changes the bias tables (and everything else).
+    fast.train()
+    opt = torch.optim.Adam(fast.parameters(), lr=1e-2)
+    table = fast.layers[0].residual_group.blocks[1].attn.relative_position_bias_table
+    old_table = table.detach().clone()
+    fast(x).square().mean().backward()
+    opt.step()
+    assert _max_diff(table, old_table) > 1e-3
+    fast.eval()
+    ref.load_state_dict(fast.state_dict())
+    ref.eval()
+    with torch.no_grad():
+        after = fast(x)
+        assert _max_diff(after, before) > 1e-2
+        assert _max_diff(after, ref(x)) < ATOL
+        # An in-place edit under no_grad (as an EMA update does) also reaches the output.
+        table.mul_(-1.0)
+        ref.layers[0].residual_group.blocks[1].attn.relative_position_bias_table.mul_(-1.0)
+        assert _max_diff(fast(x), ref(x)) < ATOL
+        assert _max_diff(fast(x), after) > 1e-3
+
+
+def _psnr(a, b):
+    mse = torch.mean((a.clamp(0, 1) - b.clamp(0, 1))**2).item()
+    return 10 * math.log10(1.0 / mse)
+
+
+def _photo_lr(size=64):
+    from skimage import data
+    img = torch.from_numpy(np.ascontiguousarray(data.astronaut())).permute(2, 0, 1)[None].float() / 255.
+    img = F.interpolate(img, size=(4 * size, 4 * size), mode='bicubic', antialias=True, align_corners=False)
+    return F.interpolate(img, size=(size, size), mode='bicubic', antialias=True, align_corners=False).clamp(0, 1)
+
+
+def test_bf16_psnr_against_fp32_on_a_photo():
+    assert cpu_supports_bf16(), 'this test expects a CPU with AVX512-BF16/AMX (the project machines have it)'
+    ref, fast = _pair(PAPER, seed=9, gain=0.7)
+    ref.eval(), fast.eval()
+    lr = _photo_lr(64)
+    fast.precision = 'bf16'
+    with torch.no_grad():
+        expected = ref(lr)
+        got = fast(lr)
+    assert got.dtype == torch.float32
+    psnr = _psnr(got, expected)
+    assert 45.0 <= psnr < 100.0  # reduced precision is in effect, and accurate enough
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match='upsampler'):
+        FastSwinIR(**dict(TINY, upsampler='bilinear'))
+    with pytest.raises(ValueError, match='resi_connection'):
+        FastSwinIR(**dict(TINY, resi_connection='2conv'))
+    with pytest.raises(ValueError, match='precision'):
+        FastSwinIR(**TINY, precision='int8')
+    with pytest.raises(ValueError, match='upscale'):
+        FastSwinIR(**dict(TINY, upscale=5, upsampler='pixelshuffle'))
+    with pytest.raises(ValueError, match='nearest'):
+        FastSwinIR(**dict(TINY, upscale=2, upsampler='nearest+conv'))
+    model = FastSwinIR(**TINY)
+    with pytest.raises(ValueError, match='expects input'):
+        model(torch.rand(1, 1, 16, 16))
+
+
+def test_inference_mode_then_training():
+    # Caches filled under torch.inference_mode() must still serve autograd afterwards.
+    ref, fast = _pair(dict(TINY, drop_path_rate=0.), seed=10)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.inference_mode():
+        fast.eval()(x)
+    fast.train()
+    for blk in fast.layers[0].residual_group.blocks:
+        blk.attn.relative_position_bias_table.requires_grad_(False)  # flash path with autograd
+    out = fast(x)
+    out.square().mean().backward()
+    ref.train()
+    with torch.no_grad():
+        assert _max_diff(out, ref(x)) < ATOL
