@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from dtkd_compat import OptionError
+
 # Wrapper keys in order of preference: BasicSR saves 'params_ema' next to 'params' and the EMA
 # weights are the ones to evaluate.
 _WRAPPER_KEYS = ('state_dict', 'params_ema', 'params')
@@ -23,11 +25,11 @@ _DOWNLOAD_HINTS = {
 }
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(OptionError):
     """The checkpoint's keys or tensor shapes do not match the network."""
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(OptionError):
     """The file is not a state dict in one of the supported layouts."""
 
 

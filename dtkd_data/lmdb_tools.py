@@ -20,12 +20,14 @@ import cv2
 import lmdb
 import numpy as np
 
+from dtkd_compat import OptionError
+
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 _META_LINE = re.compile(r'^(\S+)\s+\((\d+),(\d+),(\d+)\)\s+(\d+)\s*$')
 _KEY_OK = re.compile(r'^[A-Za-z0-9_\-]+$')
 
 
-class LmdbFormatError(ValueError):
+class LmdbFormatError(OptionError):
     """An LMDB folder is missing, incomplete or has an unreadable ``meta_info.txt``."""
 
 

@@ -23,16 +23,17 @@ from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data as data
 from torchvision.transforms.functional import normalize
 
+from dtkd_compat import OptionError
 from dtkd_data.lmdb_tools import IMG_EXTENSIONS, LmdbFormatError, image_hw, listing, lmdb_is_complete, read_meta_info
 
 MAX_LISTED = 10
 
 
-class DatasetOptionError(ValueError):
+class DatasetOptionError(OptionError):
     """A dataset option is missing or invalid; the message names the option key."""
 
 
-class TeacherDataError(ValueError):
+class TeacherDataError(OptionError):
     """Teacher images are missing or do not have the GT's size."""
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dtkd_compat import OptionError
+
 PREDICT_TYPES = ('xstart', 'epsilon', 'epsilon_scale', 'residual')
 SCHEDULES = ('exponential',)
 
@@ -43,7 +45,7 @@ DIFFUSION_DEFAULTS = {
 _REQUIRED = ('schedule_name', 'normalize_input')
 
 
-class DiffusionOptionError(ValueError):
+class DiffusionOptionError(OptionError):
     """A diffusion option is missing, unknown or out of range; the message names the key."""
 
 

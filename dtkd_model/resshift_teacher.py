@@ -28,6 +28,7 @@ import yaml
 from torch import nn
 
 import dtkd_compat  # noqa: F401  (must precede basicsr)
+from dtkd_compat import OptionError
 from dtkd_model.resshift_diffusion import DIFFUSION_DEFAULTS, DiffusionOptionError, ResShiftDiffusion
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,7 @@ SAMPLER_DEFAULTS = {
 _DOWNLOAD = 'https://github.com/zsyOAOA/ResShift/releases/download/v2.0/'
 
 
-class TeacherOptionError(ValueError):
+class TeacherOptionError(OptionError):
     """A teacher option is missing or invalid; the message names the key (e.g. 'sampler.chop_size')."""
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli, train_options, write_yaml
 
 import dtkd_compat  # noqa: F401  (before basicsr)
 import dtkd_model  # noqa: F401,I001
+from conftest import run_cli, train_options, write_yaml
 from dtkd_model.augkd_model import (
     INVERTIBLE_OPS,
     AugKDModel,

@@ -38,9 +38,9 @@ def test_every_training_file_is_listed():
 
 @pytest.mark.parametrize('path', TRAIN_FILES, ids=os.path.basename)
 def test_training_option_file(path):
-    import dtkd_compat  # noqa: F401
     from basicsr.losses import build_loss
 
+    import dtkd_compat  # noqa: F401
     from dtkd_model.kd_schedule import KDWeightSchedule
 
     opt = load_yaml(path)
@@ -69,8 +69,9 @@ def test_training_option_file(path):
 
 
 def test_paper_student_has_0_930_m_parameters():
-    import dtkd_arch  # noqa: F401
     from basicsr.archs import build_network
+
+    import dtkd_arch  # noqa: F401
 
     net = build_network(dict(load_yaml(os.path.join(REPO, 'options', 'train_dtkd.yml'))['network_g']))
     assert sum(p.numel() for p in net.parameters()) == 929_628

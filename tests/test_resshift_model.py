@@ -12,11 +12,11 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, write_yaml
 
 import dtkd_arch  # noqa: F401,I001
 import dtkd_compat  # noqa: F401  (before basicsr)
 import dtkd_model  # noqa: F401
+from conftest import run_cli, write_yaml
 from dtkd_arch.resshift_unet_arch import ResShiftUNet
 from dtkd_arch.vq_autoencoder_arch import VQAutoencoder
 from dtkd_model.resshift_model import ResShiftModel, ResShiftOptionError

@@ -1,0 +1,187 @@
+"""Shared pieces of the benchmark scripts: machine description, timers, peak memory, FLOP counts.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``, which counts matrix multiplications and
+convolutions only, at 2 FLOPs per multiply-accumulate (MAC): GMACs = GFLOPs / 2. Normalisations,
+activations, soft-max and element-wise additions are not counted. Counting runs on copies of the
+networks on the ``meta`` device, so it costs no arithmetic.
+"""
+import copy
+import os
+import platform
+import statistics
+import threading
+import time
+
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+from dtkd_compat import OptionError
+
+
+def machine_description(device):
+    """One line: CPU model and threads, or GPU name, with the torch version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    flags = ''
+    try:
+        with open('/proc/cpuinfo') as f:
+            text = f.read()
+        if 'amx_bf16' in text:
+            flags = ', AMX-BF16'
+        elif 'avx512_bf16' in text:
+            flags = ', AVX512-BF16'
+    except OSError:
+        pass
+    desc = f'{cpu} ({os.cpu_count()} logical CPUs{flags}), torch {torch.__version__}, {torch.get_num_threads()} threads'
+    if device.type == 'cuda':
+        desc = f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host: {desc}'
+    return desc
+
+
+def pick_device(name):
+    if name in (None, 'auto'):
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise OptionError(f'--device {name}: CUDA is not available')
+    return device
+
+
+def reduced_precisions(device):
+    """Reduced precisions worth timing: bf16 on CPU (fast with AMX), fp16 and bf16 on GPU."""
+    return ['fp16', 'bf16'] if device.type == 'cuda' else ['bf16']
+
+
+def check_precision(precision, device):
+    if precision not in ('fp32', 'bf16', 'fp16'):
+        raise OptionError(f"--precision: expected fp32, bf16 or fp16, got {precision!r}")
+    if precision == 'fp16' and device.type != 'cuda':
+        raise OptionError('--precision fp16: autocast fp16 needs a CUDA device (use bf16 on the CPU)')
+
+
+def autocast(precision, device):
+    if precision == 'fp32':
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == 'bf16' else torch.float16)
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes():
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    except (OSError, ValueError):
+        return 0
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA allocator peak on a GPU, else the peak resident set
+    size of the process sampled every 2 ms, minus its value at entry (bytes, ``.peak``)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        if self.device.type == 'cuda':
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = _rss_bytes()
+            self._max = self._base
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self._max = max(self._max, _rss_bytes())
+            self._stop.wait(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == 'cuda':
+            sync(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, _rss_bytes())
+            self.peak = self._max - self._base
+        return False
+
+
+def median_time(fn, device, repeats, warmup):
+    """Median wall time (s) of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and all times."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def count_flops(module, *args, **kwargs):
+    """FLOPs (2 per MAC, matmul/conv only) of ``module(*args, **kwargs)``, counted on the meta device.
+
+    ``module`` may also be a bound method; its owner is copied. Tensors in args/kwargs give shapes only.
+    """
+    owner = getattr(module, '__self__', None)
+    target = owner if owner is not None else module
+    meta = copy.deepcopy(target).to('meta')
+    fn = getattr(meta, module.__name__) if owner is not None else meta
+
+    def to_meta(v):
+        return torch.empty(v.shape, dtype=v.dtype, device='meta') if torch.is_tensor(v) else v
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*[to_meta(a) for a in args], **{k: to_meta(v) for k, v in kwargs.items()})
+    del meta
+    return counter.get_total_flops()
+
+
+def load_yaml(path, what):
+    if not os.path.isfile(path):
+        raise OptionError(f'{what}: option file {path} does not exist')
+    with open(path, encoding='utf-8') as f:
+        opt = yaml.safe_load(f)
+    if not isinstance(opt, dict):
+        raise OptionError(f'{what}: {path} is not a mapping')
+    return opt
+
+
+def parse_size(text):
+    """'64' -> (64, 64); '48x80' -> (48, 80) (height x width, LR pixels)."""
+    try:
+        parts = [int(v) for v in str(text).lower().split('x')]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise OptionError(f"--lr-size: expected N or HxW with positive integers, got {text!r}")
+    return tuple(parts)
+
+
+def fmt_bytes(n):
+    return f'{n / 2**20:.0f} MiB' if n >= 2**20 else f'{n / 2**10:.1f} KiB'
+
+
+def markdown_table(header, rows):
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+    lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+    return '\n'.join(lines)

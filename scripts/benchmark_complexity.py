@@ -1,0 +1,176 @@
+"""Model complexity and latency (the paper's Table 2): teacher (15 steps), teacher (1 step), student.
+
+    python scripts/benchmark_complexity.py --random-weights            # LR 64x64, CPU or GPU
+    python scripts/benchmark_complexity.py --lr-size 128 --repeats 10 --device cuda
+
+For each model: parameters, FLOPs and MACs for one LR image of ``--lr-size`` (x4 output), and the
+median latency over ``--repeats`` runs after ``--warmup`` runs, in fp32 and in reduced precision
+(autocast bf16 on CPU; fp16 and bf16 on GPU). Printed as Markdown with the machine.
+
+Conventions:
+* FLOPs from ``torch.utils.flop_counter.FlopCounterMode``: matrix multiplications and convolutions
+  only, 2 FLOPs per multiply-accumulate; MACs = FLOPs / 2. Normalisation, activations, soft-max and
+  the bicubic up-sampling are not counted.
+* Teacher FLOPs = encoder (x4 bicubic of the padded LR) + steps x UNet + decoder, at the LR size
+  padded to ``sampler.pad_multiple`` (64 for the official model), as ``ResShiftTeacher.sample`` runs
+  it. Parameters: UNet (the paper's 118.59 M) and UNet + autoencoder.
+* Student: ``network_g`` of ``--student-opt`` (SwinIR-small of options/train_dtkd.yml); FastSwinIR
+  with the same arguments when ``dtkd_arch/fast_swinir_arch.py`` exists.
+"""
+import argparse
+import copy
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dtkd_model  # noqa: E402,F401  (makes basicsr importable)
+
+# isort: split
+import torch  # noqa: E402
+from basicsr.utils.registry import ARCH_REGISTRY  # noqa: E402
+
+import dtkd_arch  # noqa: E402,F401  (registers the project's architectures)
+from dtkd_compat import OptionError  # noqa: E402
+from dtkd_model.benchmarking import (  # noqa: E402
+    autocast,
+    check_precision,
+    count_flops,
+    load_yaml,
+    machine_description,
+    markdown_table,
+    median_time,
+    parse_size,
+    pick_device,
+    reduced_precisions,
+)
+from dtkd_model.teacher_cache import build_teacher, load_teacher_options  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def teacher_flops(teacher, h, w):
+    """(encode, one UNet step, decode) FLOPs and the padded LR size for an h x w LR image, as
+    ``ResShiftTeacher.sample`` pads it."""
+    m, sf = teacher.pad_multiple, teacher.diffusion.sf
+    hp, wp = h + (-h) % m, w + (-w) % m
+    up = torch.empty(1, 3, sf * hp, sf * wp)
+    ae = teacher.autoencoder
+    if ae is not None:
+        enc = count_flops(ae.encode, up)
+        meta = copy.deepcopy(ae).to('meta')
+        with torch.no_grad():
+            latent_shape = tuple(meta.encode(torch.empty(up.shape, device='meta')).shape)
+        del meta
+        dec = count_flops(ae.decode, torch.empty(latent_shape))
+    else:
+        enc = dec = 0
+        latent_shape = tuple(up.shape)
+    kwargs = {'lq': torch.empty(1, 3, hp, wp)} if teacher.cond_lq else {}
+    step = count_flops(teacher.unet, torch.empty(latent_shape), torch.zeros(1, dtype=torch.long), **kwargs)
+    return enc, step, dec, (hp, wp)
+
+
+def build_students(opt_path, device):
+    opt = load_yaml(opt_path, '--student-opt')
+    net_opt = dict(opt.get('network_g') or {})
+    if 'type' not in net_opt:
+        raise OptionError(f'--student-opt {opt_path}: network_g.type is required')
+    arch = net_opt.pop('type')
+    students = [(f'{arch} (student)', ARCH_REGISTRY.get(arch)(**net_opt))]
+    if arch == 'SwinIR' and os.path.isfile(os.path.join(REPO, 'dtkd_arch', 'fast_swinir_arch.py')):
+        students.append(('FastSwinIR (student)', ARCH_REGISTRY.get('FastSwinIR')(**net_opt)))
+    return [(name, net.eval().to(device)) for name, net in students]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('-opt', default='options/teacher/resshift_realsr_x4.yml', help='teacher option file')
+    parser.add_argument('--student-opt', default='options/train_dtkd.yml', help='option file with network_g')
+    parser.add_argument('--random-weights', action='store_true', help='teacher without checkpoints')
+    parser.add_argument('--lr-size', default='64', help='LR input: N or HxW (default 64)')
+    parser.add_argument('--device', default='auto')
+    parser.add_argument('--precision', nargs='+', default=None,
+                        help='default: fp32 plus bf16 on CPU, fp16 and bf16 on GPU')
+    parser.add_argument('--repeats', type=int, default=3, help='timed runs per model and precision (median)')
+    parser.add_argument('--warmup', type=int, default=1, help='untimed runs first')
+    parser.add_argument('--teacher-steps', type=int, nargs='*', default=[15, 1],
+                        help='teacher step counts to report (none: students only)')
+    parser.add_argument('--no-latency', action='store_true', help='parameters and FLOPs only')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    args = parser.parse_args(argv)
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = pick_device(args.device)
+        precisions = args.precision or ['fp32'] + reduced_precisions(device)
+        for p in precisions:
+            check_precision(p, device)
+        h, w = parse_size(args.lr_size)
+        if args.repeats < 1 or args.warmup < 0:
+            raise OptionError('--repeats must be >= 1 and --warmup >= 0')
+        opt = load_teacher_options(args.opt, device=str(device))
+        teacher = build_teacher(opt, random_weights=args.random_weights)
+        students = build_students(args.student_opt, device)
+    except (OptionError, FileNotFoundError, ValueError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+
+    enc, step, dec, (hp, wp) = teacher_flops(teacher, h, w)
+    lq = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
+    rows = []
+    unet_p, ae_p = n_params(teacher.unet), n_params(teacher.autoencoder)
+    for steps in args.teacher_steps:
+        flops = enc + steps * step + dec
+        row = [f'ResShift ({steps} step{"s" if steps > 1 else ""})', steps,
+               f'{unet_p / 1e6:.2f} M (+{ae_p / 1e6:.2f} M AE)', f'{flops / 1e9:.3f}', f'{flops / 2e9:.3f}']
+        for precision in precisions:
+            if args.no_latency:
+                row.append('-')
+                continue
+            teacher.set_steps(steps)
+            teacher.precision = precision
+            med, _ = median_time(lambda: teacher.sample(lq, generator=torch.Generator().manual_seed(0)), device,
+                                 args.repeats, args.warmup)
+            row.append(f'{1000 * med:.2f}')
+            print(f'  teacher {steps} steps {precision}: {1000 * med:.1f} ms', file=sys.stderr)
+        rows.append(row)
+    for name, net in students:
+        flops = count_flops(net, lq)
+        row = [name, '-', f'{n_params(net) / 1e6:.3f} M', f'{flops / 1e9:.3f}', f'{flops / 2e9:.3f}']
+        for precision in precisions:
+            if args.no_latency:
+                row.append('-')
+                continue
+
+            def run(net=net, precision=precision):
+                with torch.no_grad(), autocast(precision, device):
+                    net(lq)
+
+            med, _ = median_time(run, device, args.repeats, args.warmup)
+            row.append(f'{1000 * med:.2f}')
+            print(f'  {name} {precision}: {1000 * med:.1f} ms', file=sys.stderr)
+        rows.append(row)
+
+    weights = 'random weights' if args.random_weights else 'checkpoint weights'
+    print(f'## Model complexity and latency ({weights})\n')
+    print(f'Machine: {machine_description(device)}  ')
+    print(f'Input: one {h}x{w} LR image, x4 output, batch 1 (teacher LR padded to {hp}x{wp}; per step: '
+          f'UNet {step / 1e9:.3f} GFLOPs, encoder {enc / 1e9:.3f}, decoder {dec / 1e9:.3f}).  ')
+    print('FLOPs: matmul + convolution, 2 FLOPs per multiply-accumulate (FlopCounterMode); MACs = FLOPs / 2.  ')
+    if args.no_latency:
+        print('Latency: not measured (--no-latency).\n')
+    else:
+        print(f'Latency: median of {args.repeats} run(s) after {args.warmup} warm-up run(s), ms per image.\n')
+    header = ['Model', 'Sampling steps', 'Params', 'GFLOPs', 'GMACs'] + [f'Latency {p} (ms)' for p in precisions]
+    print(markdown_table(header, rows))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""scripts/benchmark_teacher.py and scripts/benchmark_complexity.py on a tiny teacher and student.
+
+Timings are not asserted (shared machines); FLOP counts are checked against hand-computed
+multiply-accumulate counts, parameter counts against the networks.
+"""
+import importlib.util
+import os
+import re
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import dtkd_arch  # noqa: F401  (registers the architectures)
+from conftest import REPO, TINY_STUDENT
+from dtkd_model.benchmarking import count_flops, parse_size
+
+TINY = os.path.join(REPO, 'tests', 'data', 'options', 'tiny_teacher.yml')
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f'_bench_{name}', os.path.join(REPO, 'scripts', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(text):
+    """Markdown table rows (without header and rule) as lists of cells."""
+    lines = [line for line in text.splitlines() if line.startswith('|')]
+    return [[c.strip() for c in line.strip('|').split('|')] for line in lines[2:]]
+
+
+def test_count_flops_matches_hand_counted_macs():
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    # 2 FLOPs per MAC: out pixels x out channels x (in channels x 3 x 3)
+    assert count_flops(conv, torch.empty(1, 3, 16, 20)) == 2 * 16 * 20 * 8 * 3 * 9
+    lin = nn.Linear(12, 5)
+    assert count_flops(lin, torch.empty(7, 12)) == 2 * 7 * 12 * 5
+    assert conv.weight.device.type == 'cpu'  # counted on a meta copy
+    assert parse_size('48x80') == (48, 80) and parse_size(16) == (16, 16)
+
+
+def test_benchmark_complexity_table(tmp_path, capsys):
+    student_opt = str(tmp_path / 'student.yml')
+    with open(student_opt, 'w') as f:
+        yaml.safe_dump({'network_g': dict(TINY_STUDENT)}, f)
+    script = load_script('benchmark_complexity')
+    rc = script.main(['-opt', TINY, '--random-weights', '--student-opt', student_opt, '--lr-size', '8',
+                      '--device', 'cpu', '--repeats', '1', '--warmup', '0', '--teacher-steps', '3', '1',
+                      '--precision', 'fp32'])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert 'Machine:' in out and 'Input: one 8x8 LR image' in out
+    rows = table_rows(out)
+    names = [r[0] for r in rows]
+    assert names[:3] == ['ResShift (3 steps)', 'ResShift (1 step)', 'SwinIR (student)']
+    assert len(rows[0]) == 6 and float(rows[0][5]) > 0  # one latency column (fp32)
+    gflops = {r[0]: float(r[3]) for r in rows}
+    step = float(re.search(r'UNet ([0-9.]+) GFLOPs', out).group(1))
+    assert gflops['ResShift (3 steps)'] - gflops['ResShift (1 step)'] == pytest.approx(2 * step, abs=2e-3)
+    assert float(rows[2][4]) == pytest.approx(gflops['SwinIR (student)'] / 2, abs=1e-3)
+
+    # student parameters and the hand count of its first convolution's share of the FLOPs
+    from basicsr.archs.swinir_arch import SwinIR
+
+    net_opt = {k: v for k, v in TINY_STUDENT.items() if k != 'type'}
+    student = SwinIR(**net_opt)
+    assert rows[2][2] == f'{sum(p.numel() for p in student.parameters()) / 1e6:.3f} M'
+    assert float(rows[2][3]) * 1e9 > 2 * 8 * 8 * 12 * 3 * 9
+
+
+def test_benchmark_teacher_table(capsys):
+    script = load_script('benchmark_teacher')
+    rc = script.main(['-opt', TINY, '--random-weights', '--lr-size', '8x12', '--steps', '2', '1', '--device', 'cpu',
+                      '--repeats', '1'])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert 'LR input 8x12' in out and 'Machine:' in out
+    rows = table_rows(out)
+    assert [(r[0], r[1]) for r in rows] == [('2', 'fp32'), ('1', 'fp32'), ('2', 'bf16'), ('1', 'bf16')]
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3]) > 0 and float(row[4]) > 0 and float(row[5]) > 0
+
+
+def test_benchmark_errors(capsys):
+    script = load_script('benchmark_teacher')
+    assert script.main(['-opt', TINY, '--random-weights', '--device', 'cpu', '--precision', 'fp16']) == 2
+    assert 'fp16' in capsys.readouterr().err
+    # the tiny option file has no checkpoints: without --random-weights the teacher refuses
+    assert script.main(['-opt', TINY, '--device', 'cpu']) == 2
+    assert 'unet.ckpt' in capsys.readouterr().err

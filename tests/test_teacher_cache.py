@@ -1,0 +1,278 @@
+"""Offline teacher outputs (dtkd_model.teacher_cache, scripts/generate_teacher_outputs.py).
+
+A tiny ResShift teacher (tests/data/options/tiny_teacher.yml) with seeded random weights saved to
+real checkpoint files; LQ images are x4 bicubic reductions of photographs from skimage.data.
+Expected bytes are computed independently: the key's seed from hashlib, one ``sample`` call per
+image, quantisation with numpy.
+"""
+import copy
+import hashlib
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import cv2
+import lmdb
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import dtkd_arch  # noqa: F401  (registers the architectures)
+import dtkd_data  # noqa: F401  (registers the datasets)
+from conftest import REPO, bicubic_down, photo, run_cli, write_rgb
+from dtkd_data.lmdb_tools import read_meta_info, write_image_lmdb
+from dtkd_data.paired_teacher_dataset import PairedTeacherDataset
+from dtkd_model.teacher_cache import (
+    CacheSettingsError,
+    TeacherCacheError,
+    generate_teacher_outputs,
+    key_seed,
+    png_shape,
+)
+
+SCRIPT = os.path.join(REPO, 'scripts', 'generate_teacher_outputs.py')
+TINY = os.path.join(REPO, 'tests', 'data', 'options', 'tiny_teacher.yml')
+STEPS = 2
+# (key, photo, top, left, GT h, GT w): LQ 16x16, 16x16 and 12x20
+IMAGES = [('img0', 'astronaut', 100, 180, 64, 64), ('img1', 'coffee', 150, 200, 64, 64),
+          ('img2', 'chelsea', 80, 200, 48, 80)]
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    # the subprocess runs use OMP_NUM_THREADS=1; equal thread counts keep float reductions equal
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope='module')
+def teacher_opt(tmp_path_factory):
+    """Tiny teacher option file whose ckpt keys point at seeded random weights."""
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    root = tmp_path_factory.mktemp('tiny_teacher')
+    with open(TINY) as f:
+        opt = yaml.safe_load(f)
+    torch.manual_seed(123)
+    for block in ('unet', 'autoencoder'):
+        params = {k: v for k, v in opt[block].items() if k not in ('type', 'ckpt')}
+        net = ARCH_REGISTRY.get(opt[block]['type'])(**params)
+        path = str(root / f'{block}.pth')
+        torch.save(net.state_dict(), path)
+        opt[block]['ckpt'] = path
+    opt['sampler']['steps'] = STEPS
+    path = str(root / 'tiny_teacher.yml')
+    with open(path, 'w') as f:
+        yaml.safe_dump(opt, f, sort_keys=False)
+    return path
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """GT / LQ folders (LQ named '<key>x4') and LMDBs (shared keys)."""
+    root = tmp_path_factory.mktemp('cache_data')
+    gts, lqs = {}, {}
+    for key, name, top, left, h, w in IMAGES:
+        gt = photo(name)[top:top + h, left:left + w]
+        lq = bicubic_down(gt, 4)
+        write_rgb(str(root / 'gt' / f'{key}.png'), gt)
+        write_rgb(str(root / 'lq' / f'{key}x4.png'), lq)
+        gts[key], lqs[key] = gt[..., ::-1].copy(), lq[..., ::-1].copy()
+    write_image_lmdb(str(root / 'gt.lmdb'), sorted(gts.items()))
+    write_image_lmdb(str(root / 'lq.lmdb'), sorted(lqs.items()))
+    return root, lqs
+
+
+def expected_sr(teacher, lq_bgr, key, seed):
+    """Independent reference: hashlib seed, one image per sample call, numpy quantisation -> BGR uint8."""
+    seed_k = int.from_bytes(hashlib.sha256(f'{seed}:{key}'.encode()).digest()[:8], 'little') & (2**63 - 1)
+    lq = torch.from_numpy(lq_bgr[..., ::-1].astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    sr = teacher.sample(lq, generator=torch.Generator().manual_seed(seed_k))[0].numpy()
+    img = np.clip(np.round(np.clip(sr, 0, 1) * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    return img[..., ::-1]
+
+
+def lmdb_entries(path):
+    env = lmdb.open(path, readonly=True, lock=False)
+    with env.begin() as txn:
+        entries = {k.decode(): bytes(v) for k, v in txn.cursor()}
+    env.close()
+    return entries
+
+
+def folder_entries(path):
+    return {n: open(os.path.join(path, n), 'rb').read() for n in sorted(os.listdir(path)) if n.endswith('.png')}
+
+
+@pytest.fixture(scope='module')
+def reference(teacher_opt, data, tmp_path_factory):
+    """One uninterrupted in-process run into a folder (LQ names via filename_tmpl)."""
+    root, _ = data
+    out = str(tmp_path_factory.mktemp('ref') / 'teacher')
+    stats = generate_teacher_outputs(teacher_opt, str(root / 'lq'), out, gt_path=str(root / 'gt'),
+                                     filename_tmpl='{}x4', seed=7, progress=False)
+    assert stats['written'] == 3 and stats['total'] == 3
+    return out
+
+
+def test_folder_cache_equals_per_key_sampling_and_feeds_the_dataset(teacher_opt, data, reference):
+    from dtkd_model.resshift_teacher import ResShiftTeacher
+
+    root, lqs = data
+    assert sorted(os.listdir(reference)) == ['img0.png', 'img1.png', 'img2.png', 'teacher_cache.json']
+    teacher = ResShiftTeacher.from_options(teacher_opt)
+    # keys sampled in another order than the run's, each alone: the bytes depend on the key only
+    for key in ('img2', 'img0'):
+        stored = cv2.imread(os.path.join(reference, f'{key}.png'), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(stored, expected_sr(teacher, lqs[key], key, seed=7))
+    assert key_seed('img0', 7) != key_seed('img1', 7)
+    img0, img1 = (cv2.imread(os.path.join(reference, f'img{i}.png')) for i in (0, 1))
+    assert not np.array_equal(img0, img1)
+
+    ds = PairedTeacherDataset({'phase': 'val', 'scale': 4, 'io_backend': {'type': 'disk'}, 'filename_tmpl': '{}x4',
+                               'dataroot_gt': str(root / 'gt'), 'dataroot_lq': str(root / 'lq'),
+                               'dataroot_teacher': reference})
+    assert len(ds) == 3
+    item = ds[2]
+    assert item['teacher'].shape == item['gt'].shape == (3, 48, 80)
+    stored = cv2.imread(os.path.join(reference, 'img2.png'))[..., ::-1].astype(np.float32) / 255.0
+    np.testing.assert_allclose(item['teacher'].numpy().transpose(1, 2, 0), stored, atol=1e-6)
+
+
+def test_lmdb_cache_from_lmdb_batched_matches_folder_and_feeds_the_dataset(teacher_opt, data, reference, tmp_path):
+    root, _ = data
+    out = str(tmp_path / 'teacher.lmdb')
+    # LQ and GT LMDBs share keys; batch_size groups 2 entries per transaction
+    stats = generate_teacher_outputs(teacher_opt, str(root / 'lq.lmdb'), out, gt_path=str(root / 'gt.lmdb'),
+                                     seed=7, batch_size=2, progress=False)
+    assert stats['written'] == 3
+    entries = lmdb_entries(out)
+    assert sorted(entries) == ['img0', 'img1', 'img2']
+    for key, png in entries.items():
+        ref = cv2.imread(os.path.join(reference, f'{key}.png'), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED), ref)
+        assert png_shape(png) == ref.shape
+    with open(os.path.join(out, 'meta_info.txt')) as f:
+        assert f.read() == 'img0.png (64,64,3) 1\nimg1.png (64,64,3) 1\nimg2.png (48,80,3) 1\n'
+    assert read_meta_info(out) == {'img0': (64, 64, 3), 'img1': (64, 64, 3), 'img2': (48, 80, 3)}
+
+    # a rerun skips everything; a partial rerun with other settings is refused before any work
+    again = generate_teacher_outputs(teacher_opt, str(root / 'lq.lmdb'), out, gt_path=str(root / 'gt.lmdb'),
+                                     seed=7, progress=False)
+    assert again['written'] == 0 and again['skipped'] == 3
+    with pytest.raises(CacheSettingsError, match='seed'):
+        generate_teacher_outputs(teacher_opt, str(root / 'lq.lmdb'), out, gt_path=str(root / 'gt.lmdb'), seed=8,
+                                 progress=False)
+    with pytest.raises(CacheSettingsError, match='teacher_options_sha256'):
+        generate_teacher_outputs(teacher_opt, str(root / 'lq.lmdb'), out, gt_path=str(root / 'gt.lmdb'), seed=7,
+                                 steps=1, progress=False)
+    assert entries == lmdb_entries(out)
+
+    ds = PairedTeacherDataset({'phase': 'train', 'scale': 4, 'gt_size': 32, 'io_backend': {'type': 'lmdb'},
+                               'dataroot_gt': str(root / 'gt.lmdb'), 'dataroot_lq': str(root / 'lq.lmdb'),
+                               'dataroot_teacher': out})
+    item = ds[1]
+    assert item['teacher'].shape == item['gt'].shape == (3, 32, 32) and item['lq'].shape == (3, 8, 8)
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(teacher_opt, data, reference, tmp_path):
+    root, _ = data
+    out = str(tmp_path / 'killed.lmdb')
+    args = [SCRIPT, '-opt', teacher_opt, '--input', str(root / 'lq'), '--gt', str(root / 'gt'),
+            '--filename-tmpl', '{}x4', '--output', out, '--seed', '7', '--no-progress']
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
+    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    entries = 0
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(os.path.join(out, 'data.mdb')):
+            env_r = lmdb.open(out, readonly=True, lock=False)
+            entries = env_r.stat()['entries']
+            env_r.close()
+            if entries >= 1:
+                break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()
+    assert 1 <= entries < 3, 'the run was not killed between the first and the last entry'
+    # not complete: meta_info.txt is written only at the end
+    assert not os.path.exists(os.path.join(out, 'meta_info.txt'))
+
+    result = run_cli(args, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert 'already present' in result.stdout
+    resumed = lmdb_entries(out)
+    assert resumed.keys() == {'img0', 'img1', 'img2'}
+    for key, png in resumed.items():
+        img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(img, cv2.imread(os.path.join(reference, f'{key}.png'), cv2.IMREAD_UNCHANGED))
+    assert read_meta_info(out)['img2'] == (48, 80, 3)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_under_torchrun_equal_one(teacher_opt, data, reference, tmp_path):
+    root, _ = data
+    out = str(tmp_path / 'sharded')
+    result = run_cli(['-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}', SCRIPT,
+                      '-opt', teacher_opt, '--input', str(root / 'lq'), '--gt', str(root / 'gt'),
+                      '--filename-tmpl', '{}x4', '--output', out, '--seed', '7', '--no-progress'], cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert folder_entries(out) == folder_entries(reference)
+
+
+def test_clear_errors_before_work(teacher_opt, data, tmp_path):
+    root, _ = data
+    with pytest.raises(FileNotFoundError, match='nowhere'):
+        generate_teacher_outputs(teacher_opt, str(tmp_path / 'nowhere'), str(tmp_path / 'o'), progress=False)
+    with pytest.raises(TeacherCacheError, match=r"img0 \(for GT img0\)"):
+        generate_teacher_outputs(teacher_opt, str(root / 'lq'), str(tmp_path / 'o'), gt_path=str(root / 'gt'),
+                                 progress=False)
+    bad = tmp_path / 'bad_lq'
+    bad.mkdir()
+    (bad / 'broken.png').write_bytes(b'not an image')
+    with pytest.raises(TeacherCacheError, match='broken.png'):
+        generate_teacher_outputs(teacher_opt, str(bad), str(tmp_path / 'o'), progress=False)
+    # GT that is not 4x the LQ
+    small_gt = tmp_path / 'small_gt'
+    write_rgb(str(small_gt / 'img0.png'), np.zeros((60, 64, 3), np.uint8))
+    with pytest.raises(TeacherCacheError, match=r'img0 \(GT 60x64, LQ 16x16\)'):
+        generate_teacher_outputs(teacher_opt, str(root / 'lq'), str(tmp_path / 'o'), gt_path=str(small_gt),
+                                 filename_tmpl='{}x4', progress=False)
+    # missing checkpoint, named with its option key
+    with open(teacher_opt) as f:
+        opt = yaml.safe_load(f)
+    broken = copy.deepcopy(opt)
+    broken['unet']['ckpt'] = str(tmp_path / 'missing.pth')
+    with pytest.raises(FileNotFoundError, match='unet.ckpt'):
+        generate_teacher_outputs(broken, str(root / 'lq'), str(tmp_path / 'o'), progress=False)
+    # a foreign folder is not resumed into
+    foreign = tmp_path / 'foreign'
+    foreign.mkdir()
+    (foreign / 'x.png').write_bytes(b'')
+    with pytest.raises(CacheSettingsError, match='teacher_cache.json'):
+        generate_teacher_outputs(teacher_opt, str(root / 'lq'), str(foreign), filename_tmpl='{}x4', progress=False)
+    assert not any(p.name.startswith('o') for p in tmp_path.iterdir())
+
+
+
+def test_cli_prints_one_line_errors(teacher_opt, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location('_generate_teacher_outputs', SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(['-opt', teacher_opt, '--input', str(tmp_path / 'nowhere'), '--output',
+                        str(tmp_path / 'o'), '--no-progress']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: --input') and 'nowhere' in err and len(err.strip().splitlines()) == 1
