@@ -7,7 +7,6 @@ machine noise hits both alike, and the medians and their ratio are printed as Ma
 """
 import argparse
 import copy
-import platform
 import statistics
 import time
 
@@ -16,6 +15,8 @@ from dtkd_model.launch import register_all  # must precede basicsr
 # isort: split
 import torch
 from basicsr.models import build_model
+
+from dtkd_model.benchmarking import machine_description
 
 STUDENT = {'type': 'SwinIR', 'upscale': 4, 'in_chans': 3, 'img_size': 64, 'window_size': 8, 'img_range': 1.0,
            'depths': [6, 6, 6, 6], 'embed_dim': 60, 'num_heads': [6, 6, 6, 6], 'mlp_ratio': 2,
@@ -32,17 +33,6 @@ def make_opt(model_type, device, total_iter, arch):
             'rank': 0, 'world_size': 1, 'num_gpu': 1 if device == 'cuda' else 0,
             'network_g': dict(STUDENT, type=arch), 'path': {}, 'train': train,
             'logger': {'print_freq': 10 ** 9}}
-
-
-def machine():
-    name = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'
-    return f'{name}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}'
 
 
 def main():
@@ -78,8 +68,8 @@ def main():
             if it > args.warmup:
                 times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
-    print(f'Machine: {machine()}; device {args.device}; student {args.arch}; batch {args.batch}, '
-          f'LR {s}x{s} (GT {4 * s}x{4 * s}); median of {args.iters} interleaved iterations\n')
+    print(f'Machine: {machine_description(torch.device(args.device))}; device {args.device}; student {args.arch}; '
+          f'batch {args.batch}, LR {s}x{s} (GT {4 * s}x{4 * s}); median of {args.iters} interleaved iterations\n')
     print('| model | ms / iteration | ratio to SRModel |')
     print('|---|---|---|')
     for name in ('SRModel', 'DTKDModel'):
