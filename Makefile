@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) scripts/run_demo.py $(if $(TEACHER),--teacher $(TEACHER),)
+	$(PY) scripts/run_demo.py
 
 clean:
 	rm -rf experiments tb_logger results datasets/demo

@@ -75,8 +75,6 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--iters', type=int, default=300, help='student training iterations')
     parser.add_argument('--preset', default='full', choices=['full', 'tiny'], help='demo data size')
-    parser.add_argument('--teacher', default=None, help='teacher option file (the distillation stages come with '
-                                                        'the demo teacher; not used yet)')
     parser.add_argument('--work', default='.', help='folder that receives datasets/, experiments/, results/')
     args = parser.parse_args()
     work = os.path.abspath(args.work)
