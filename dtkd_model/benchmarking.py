@@ -177,6 +177,37 @@ def parse_size(text):
     return tuple(parts)
 
 
+def add_teacher_run_arguments(parser):
+    """The options every teacher benchmark takes: teacher file, weights, LR size, device, precision, threads."""
+    parser.add_argument('-opt', default='options/teacher/resshift_realsr_x4.yml', help='teacher option file')
+    parser.add_argument('--random-weights', action='store_true', help='ignore the ckpt keys (random weights)')
+    parser.add_argument('--lr-size', default='64', help='LR input size: N or HxW (default 64)')
+    parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:1'")
+    parser.add_argument('--precision', nargs='+', default=None,
+                        help='precisions (default: fp32 plus bf16 on CPU, fp16 and bf16 on GPU)')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+
+
+def prepare_teacher_run(args):
+    """Apply ``add_teacher_run_arguments``' options: set the threads, resolve device, precisions
+    and LR size (checked before the slow part), then build the teacher.
+
+    Returns ``(device, precisions, (h, w), teacher)``; bad options raise ``OptionError``.
+    """
+    from dtkd_model.teacher_cache import build_teacher, load_teacher_options
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    precisions = args.precision or ['fp32'] + reduced_precisions(device)
+    for p in precisions:
+        check_precision(p, device)
+    size = parse_size(args.lr_size)
+    opt = load_teacher_options(args.opt, device=str(device))
+    teacher = build_teacher(opt, random_weights=args.random_weights)
+    return device, precisions, size, teacher
+
+
 def fmt_bytes(n):
     return f'{n / 2**20:.0f} MiB' if n >= 2**20 else f'{n / 2**10:.1f} KiB'
 

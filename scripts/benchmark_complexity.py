@@ -33,18 +33,15 @@ from basicsr.utils.registry import ARCH_REGISTRY  # noqa: E402
 import dtkd_arch  # noqa: E402,F401  (registers the project's architectures)
 from dtkd_compat import OptionError  # noqa: E402
 from dtkd_model.benchmarking import (  # noqa: E402
+    add_teacher_run_arguments,
     autocast,
-    check_precision,
     count_flops,
     load_yaml,
     machine_description,
     markdown_table,
     median_time,
-    parse_size,
-    pick_device,
-    reduced_precisions,
+    prepare_teacher_run,
 )
-from dtkd_model.teacher_cache import build_teacher, load_teacher_options  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,32 +87,18 @@ def build_students(opt_path, device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('-opt', default='options/teacher/resshift_realsr_x4.yml', help='teacher option file')
+    add_teacher_run_arguments(parser)
     parser.add_argument('--student-opt', default='options/train_dtkd.yml', help='option file with network_g')
-    parser.add_argument('--random-weights', action='store_true', help='teacher without checkpoints')
-    parser.add_argument('--lr-size', default='64', help='LR input: N or HxW (default 64)')
-    parser.add_argument('--device', default='auto')
-    parser.add_argument('--precision', nargs='+', default=None,
-                        help='default: fp32 plus bf16 on CPU, fp16 and bf16 on GPU')
     parser.add_argument('--repeats', type=int, default=3, help='timed runs per model and precision (median)')
     parser.add_argument('--warmup', type=int, default=1, help='untimed runs first')
     parser.add_argument('--teacher-steps', type=int, nargs='*', default=[15, 1],
                         help='teacher step counts to report (none: students only)')
     parser.add_argument('--no-latency', action='store_true', help='parameters and FLOPs only')
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     args = parser.parse_args(argv)
     try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device = pick_device(args.device)
-        precisions = args.precision or ['fp32'] + reduced_precisions(device)
-        for p in precisions:
-            check_precision(p, device)
-        h, w = parse_size(args.lr_size)
         if args.repeats < 1 or args.warmup < 0:
             raise OptionError('--repeats must be >= 1 and --warmup >= 0')
-        opt = load_teacher_options(args.opt, device=str(device))
-        teacher = build_teacher(opt, random_weights=args.random_weights)
+        device, precisions, (h, w), teacher = prepare_teacher_run(args)
         students = build_students(args.student_opt, device)
     except (OptionError, FileNotFoundError, ValueError) as err:
         print(f'error: {err}', file=sys.stderr)

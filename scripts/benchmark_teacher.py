@@ -25,16 +25,13 @@ import torch  # noqa: E402
 from dtkd_compat import OptionError  # noqa: E402
 from dtkd_model.benchmarking import (  # noqa: E402
     PeakMemory,
-    check_precision,
+    add_teacher_run_arguments,
     fmt_bytes,
     machine_description,
     markdown_table,
-    parse_size,
-    pick_device,
-    reduced_precisions,
+    prepare_teacher_run,
     sync,
 )
-from dtkd_model.teacher_cache import build_teacher, load_teacher_options  # noqa: E402
 
 
 class ComponentTimer:
@@ -79,28 +76,14 @@ class ComponentTimer:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('-opt', default='options/teacher/resshift_realsr_x4.yml', help='teacher option file')
-    parser.add_argument('--random-weights', action='store_true', help='ignore the ckpt keys (random weights)')
-    parser.add_argument('--lr-size', default='64', help='LR input size: N or HxW (default 64)')
+    add_teacher_run_arguments(parser)
     parser.add_argument('--steps', type=int, nargs='+', default=[15, 1], help='sampling steps to time')
-    parser.add_argument('--precision', nargs='+', default=None,
-                        help='precisions (default: fp32 plus bf16 on CPU, fp16 and bf16 on GPU)')
-    parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:1'")
     parser.add_argument('--repeats', type=int, default=1, help='timed images per setting (median reported)')
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     args = parser.parse_args(argv)
     try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device = pick_device(args.device)
-        precisions = args.precision or ['fp32'] + reduced_precisions(device)
-        for p in precisions:
-            check_precision(p, device)
-        h, w = parse_size(args.lr_size)
         if args.repeats < 1 or min(args.steps) < 1:
             raise OptionError('--repeats and --steps must be positive')
-        opt = load_teacher_options(args.opt, device=str(device))
-        teacher = build_teacher(opt, random_weights=args.random_weights)
+        device, precisions, (h, w), teacher = prepare_teacher_run(args)
     except (OptionError, FileNotFoundError, ValueError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
