@@ -13,7 +13,6 @@ import threading
 import time
 
 import torch
-import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from dtkd_compat import OptionError
@@ -152,16 +151,6 @@ def count_flops(module, *args, **kwargs):
         fn(*[to_meta(a) for a in args], **{k: to_meta(v) for k, v in kwargs.items()})
     del meta
     return counter.get_total_flops()
-
-
-def load_yaml(path, what):
-    if not os.path.isfile(path):
-        raise OptionError(f'{what}: option file {path} does not exist')
-    with open(path, encoding='utf-8') as f:
-        opt = yaml.safe_load(f)
-    if not isinstance(opt, dict):
-        raise OptionError(f'{what}: {path} is not a mapping')
-    return opt
 
 
 def parse_size(text):

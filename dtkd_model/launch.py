@@ -36,18 +36,20 @@ def register_all():
     import dtkd_model  # noqa: F401
 
 
-def load_yaml(path):
-    """Read an option file with the safe loader. Returns a dict; errors name the file."""
+def load_yaml(path, key=None):
+    """Read an option file with the safe loader. Returns a dict; errors name the file (and the
+    option ``key`` that gave its path, when there is one)."""
+    where = f'{key}: ' if key else ''
     if not osp.isfile(path):
-        raise OptionError(f'option file {path!r} does not exist')
+        raise OptionError(f'{where}option file {path!r} does not exist')
     with open(path, encoding='utf-8') as f:
         try:
             opt = yaml.safe_load(f)
         except yaml.YAMLError as err:
-            raise OptionError(f'option file {path!r} is not valid YAML (only plain YAML is accepted, '
+            raise OptionError(f'{where}option file {path!r} is not valid YAML (only plain YAML is accepted, '
                               f'no python tags): {err}') from None
     if not isinstance(opt, dict):
-        raise OptionError(f'option file {path!r}: expected a mapping at the top level')
+        raise OptionError(f'{where}option file {path!r}: expected a mapping at the top level')
     return opt
 
 

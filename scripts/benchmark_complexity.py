@@ -36,12 +36,12 @@ from dtkd_model.benchmarking import (  # noqa: E402
     add_teacher_run_arguments,
     autocast,
     count_flops,
-    load_yaml,
     machine_description,
     markdown_table,
     median_time,
     prepare_teacher_run,
 )
+from dtkd_model.launch import load_yaml  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,7 +73,7 @@ def teacher_flops(teacher, h, w):
 
 
 def build_students(opt_path, device):
-    opt = load_yaml(opt_path, '--student-opt')
+    opt = load_yaml(opt_path, key='--student-opt')
     net_opt = dict(opt.get('network_g') or {})
     if 'type' not in net_opt:
         raise OptionError(f'--student-opt {opt_path}: network_g.type is required')
