@@ -12,6 +12,7 @@ setup(
         'console_scripts': [
             'dtkd-train=dtkd_model.train:main',
             'dtkd-test=dtkd_model.test:main',
+            'dtkd-infer=dtkd_model.infer:main',
         ],
     },
 )
