@@ -20,10 +20,15 @@ What is different is only how the numbers are moved around:
   each of these four groups shares one shift pattern, so each group needs only one
   ``(heads, N, N)`` mask whatever the image size. Without gradients the folded masks are cached
   and rebuilt when the bias table changes (its ``_version`` or storage changes, e.g. after an
-  optimizer step or ``load_state_dict``); with gradients the bias is gathered in every forward
-  (a cheap gather) and attention is computed explicitly (fused kernels return no gradient for a
-  mask), in one batched computation per block: the windows-then-images order lets one
-  ``(windows, heads, N, N)`` mask broadcast over the batch.
+  optimizer step or ``load_state_dict``). With gradients for the bias table (training) on the
+  CPU in fp32, attention is a custom autograd function (``_WindowAttentionFunction``): the fused
+  kernel forward, and a backward that recomputes the probabilities from the kernel's log-sum-exp
+  and returns the gradient of the folded mask (which autograd's fused kernels do not give) as the
+  sum of the score gradients over windows and images. Elsewhere (GPU, reduced precision, attention
+  dropout) attention is computed explicitly in one batched computation per block: the
+  windows-then-images order lets one ``(windows, heads, N, N)`` mask broadcast over the batch.
+- Gathers between token orders are permutations: their backward is the inverse gather rather than
+  autograd's scatter-add; stochastic depth and the residual sum are one ``addcmul``.
 - ``use_checkpoint=True`` checkpoints each block (BasicSR's version of this option fails).
 - Convolutions run on channels-last tensors, which are the token stream itself (no copies).
 - Any input size: the input is reflect-padded to a multiple of the window size and the output is
@@ -60,18 +65,23 @@ def _to_2tuple(value):
     return (value, value)
 
 
-def _drop_path(x, drop_prob, training, batch, tokens_per_window):
-    """Stochastic depth exactly as BasicSR/timm draw it: one ``torch.rand((batch, 1, 1))`` per call.
+def _add_drop_path(x, y, drop_prob, training, batch, tokens_per_window):
+    """``x + drop_path(y)`` with stochastic depth drawn exactly as BasicSR/timm draw it: one
+    ``torch.rand((batch, 1, 1))`` per call, ``keep = floor(keep_prob + rand)``, ``y / keep_prob * keep``.
 
-    x: (T, C) window-ordered stream, T = windows * batch * tokens_per_window.
+    x, y: (T, C) window-ordered streams, T = windows * batch * tokens_per_window. The scaling and the
+    residual sum are one ``addcmul`` (y times keep / keep_prob, a per-image factor), which saves two
+    passes over the stream forward and one backward; the result differs from BasicSR's two-step
+    scaling by float rounding only.
     """
     if drop_prob == 0. or not training:
-        return x
+        return x + y
     keep_prob = 1 - drop_prob
-    random_tensor = keep_prob + torch.rand((batch, 1, 1), dtype=x.dtype, device=x.device)
+    random_tensor = keep_prob + torch.rand((batch, 1, 1), dtype=y.dtype, device=y.device)
     random_tensor.floor_()
-    c = x.shape[-1]
-    out = x.view(-1, batch, tokens_per_window, c).div(keep_prob) * random_tensor.view(1, batch, 1, 1)
+    c = y.shape[-1]
+    factor = (random_tensor / keep_prob).view(1, batch, 1, 1)
+    out = torch.addcmul(x.view(-1, batch, tokens_per_window, c), y.view(-1, batch, tokens_per_window, c), factor)
     return out.view(-1, c)
 
 
@@ -184,6 +194,131 @@ class _TokenPlan:
         return idx.reshape(-1).to(device), groups, key.to(device)
 
 
+class _PermuteRows(torch.autograd.Function):
+    """``x.index_select(0, order)`` for a permutation ``order``, whose backward is the inverse gather.
+
+    Autograd's own backward of ``index_select`` is a scatter-add (``index_add``), several times slower
+    than a gather on CPUs; for a permutation the inverse gather gives the same gradient exactly.
+    """
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def _permute_rows(x, order, inverse):
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PermuteRows.apply(x, order, inverse)
+    return x.index_select(0, order)
+
+
+_BACKWARD_CHUNK = 1 << 20  # elements of one (windows, heads, N, N) buffer in the attention backward
+_FLASH_CPU = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
+
+
+class _WindowAttentionFunction(torch.autograd.Function):
+    """Window attention with gradients for the relative position bias, on the CPU in fp32.
+
+    Forward: the fused (flash) CPU kernel of ``scaled_dot_product_attention`` on each group of
+    windows that shares one folded mask, keeping the row log-sum-exp ``lse`` it returns.
+    Backward (as flash attention's, Dao et al. 2022, plus the mask gradient): the probabilities are
+    recomputed in one matrix product as ``P = exp(q k^T scale - lse + mask)`` (``-lse`` rides along
+    as an extra column of q, with a column of ones in k), ``dS = P * (dO v^T - rowsum(dO * O))``
+    (the row sum again as an extra column), and the gradient of the additive mask, shared by all
+    windows and images, is the sum of ``dS`` over them. Everything is done in place on one
+    ``(windows, heads, N, N)`` buffer per group, and no probabilities are stored between forward
+    and backward. Probabilities that BasicSR weighs by ``exp(-100)`` (about 1e-44, between regions
+    of a shifted window) are recomputed as exact zeros, which avoids slow denormal arithmetic and
+    changes nothing representable in the gradients.
+
+    Args of ``apply``: qkv (T, 3C) window-ordered qkv projection, bias (heads, N, N) relative
+    position bias (differentiable), patterns (4, N, N) shift patterns or None, groups
+    [(start_row, stop_row, pattern)], tokens per window N, heads, scale. Returns (T, C).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, bias, patterns, groups, n, heads, scale):
+        c = qkv.shape[1] // 3
+        d = c // heads
+        outs, lses = [], []
+        masks = {}
+        for start, stop, g in groups:
+            if g not in masks:
+                mask = bias if patterns is None else bias + patterns[g]
+                masks[g] = mask.unsqueeze(0).contiguous()
+            q, k, v = qkv[start:stop].view(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+            out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=masks[g], scale=scale)
+            outs.append(out.transpose(1, 2).reshape(-1, c))  # (windows, N, heads, d) in memory: a view
+            lses.append(lse)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        lse = lses[0] if len(lses) == 1 else torch.cat(lses)
+        ctx.save_for_backward(qkv, out, lse, bias, patterns)
+        ctx.groups, ctx.n, ctx.heads, ctx.scale = groups, n, heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, out, lse, bias, patterns = ctx.saved_tensors
+        groups, n, heads, scale = ctx.groups, ctx.n, ctx.heads, ctx.scale
+        t, c3 = qkv.shape
+        c = c3 // 3
+        d = c // heads
+        windows = t // n
+        grad_out = grad_out.contiguous()
+        q, k, v = qkv.view(windows, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # (W, heads, N, d) views
+        go = grad_out.view(windows, n, heads, d).transpose(1, 2)
+        # Augmented operands: [q * scale, -lse] . [k, 1] = scaled scores - lse;
+        # [dO, -rowsum(dO * O)] . [v, 1] = dP - rowsum(dO * O).
+        qa = qkv.new_empty(windows, heads, n, d + 1)
+        torch.mul(q, scale, out=qa[..., :d])
+        qa[..., d] = lse.view(windows, heads, n).neg()
+        ka = qkv.new_empty(windows, heads, n, d + 1)
+        ka[..., :d] = k
+        ka[..., d] = 1
+        ga = qkv.new_empty(windows, heads, n, d + 1)
+        ga[..., :d] = go
+        ga[..., d] = (grad_out * out).view(windows, n, heads, d).sum(-1).transpose(1, 2).neg()
+        va = qkv.new_empty(windows, heads, n, d + 1)
+        va[..., :d] = v
+        va[..., d] = 1
+        ks = k * scale
+        grad_qkv = qkv.new_empty(windows, n, 3, heads, d)
+        grad_bias = torch.zeros_like(bias) if ctx.needs_input_grad[1] else None
+        neg_inf = torch.tensor(float('-inf'), dtype=qkv.dtype, device=qkv.device)
+        masks = {}
+        for start, stop, g in groups:
+            if g not in masks:
+                mask = bias
+                if patterns is not None:
+                    mask = torch.where(patterns[g] < 0, neg_inf, bias)
+                masks[g] = mask.unsqueeze(0)
+            # Chunks of windows small enough for the (chunk, heads, N, N) buffers to stay in cache.
+            step = max(1, _BACKWARD_CHUNK // (heads * n * n))
+            for w0 in range(start // n, stop // n, step):
+                w1 = min(w0 + step, stop // n)
+                rows = (w1 - w0) * heads
+                p = torch.bmm(qa[w0:w1].view(rows, n, d + 1), ka[w0:w1].view(rows, n, d + 1).transpose(1, 2))
+                p = p.view(w1 - w0, heads, n, n).add_(masks[g]).exp_()
+                ds = torch.bmm(ga[w0:w1].view(rows, n, d + 1), va[w0:w1].view(rows, n, d + 1).transpose(1, 2))
+                ds = ds.view(w1 - w0, heads, n, n).mul_(p)
+                if grad_bias is not None:
+                    grad_bias += ds.sum(0)
+                p, ds = p.view(rows, n, n), ds.view(rows, n, n)
+                gq = grad_qkv[w0:w1].permute(2, 0, 3, 1, 4)  # (3, w, heads, N, d) views
+                gq[0].copy_(torch.bmm(ds, ks[w0:w1].reshape(rows, n, d)).view(w1 - w0, heads, n, d))
+                gq[1].copy_(torch.bmm(ds.transpose(1, 2), qa[w0:w1, ..., :d].reshape(rows, n, d))
+                            .view(w1 - w0, heads, n, d))
+                gq[2].copy_(torch.bmm(p.transpose(1, 2), ga[w0:w1, ..., :d].reshape(rows, n, d))
+                            .view(w1 - w0, heads, n, d))
+        return grad_qkv.view(t, c3), grad_bias, None, None, None, None, None
+
+
 class _Mlp(nn.Module):
 
     def __init__(self, in_features, hidden_features, act_layer=nn.GELU, drop=0.):
@@ -262,6 +397,11 @@ class _WindowAttention(nn.Module):
         table = self.relative_position_bias_table
         explicit = torch.is_grad_enabled() and table.requires_grad
         if explicit:
+            if (_FLASH_CPU is not None and qkv.device.type == 'cpu' and qkv.dtype == torch.float32
+                    and not (self.training and self.attn_drop.p > 0)):
+                pats = None if patterns is None else patterns.to(qkv.dtype)
+                return _WindowAttentionFunction.apply(qkv, self.relative_bias().to(qkv.dtype), pats, groups, n, heads,
+                                                      self.scale)
             return self._attend_explicit(qkv, window_keys, patterns, n, batch)
         masks = self.folded_masks(patterns, qkv.dtype, qkv.device, differentiable=False)
         dropout = self.attn_drop.p if self.training else 0.
@@ -346,8 +486,8 @@ class _SwinBlock(nn.Module):
         shifted = self.shift_size > 0
         out = attn.attend(qkv, groups, patterns if shifted else None, n, plan.window_keys[self.layout], plan.batch)
         y = attn.proj_drop(attn.proj(out))
-        x = x + _drop_path(y, p, self.training, plan.batch, n)
-        x = x + _drop_path(self.mlp(self.norm2(x)), p, self.training, plan.batch, n)
+        x = _add_drop_path(x, y, p, self.training, plan.batch, n)
+        x = _add_drop_path(x, self.mlp(self.norm2(x)), p, self.training, plan.batch, n)
         return x
 
     def extra_repr(self):
@@ -391,16 +531,16 @@ class _RSTB(nn.Module):
         c = x.shape[1]
         blocks = self.residual_group.blocks
         layout = blocks[0].layout if len(blocks) else 0
-        y = x.index_select(0, plan.enter[layout])
+        y = _permute_rows(x, plan.enter[layout], plan.leave[layout])
         for blk in blocks:
             if blk.layout != layout:
-                y = y.index_select(0, plan.switch[(layout, blk.layout)])
+                y = _permute_rows(y, plan.switch[(layout, blk.layout)], plan.switch[(blk.layout, layout)])
                 layout = blk.layout
             if self.use_checkpoint and torch.is_grad_enabled():
                 y = torch_checkpoint.checkpoint(blk, y, plan, patterns, use_reentrant=False)
             else:
                 y = blk(y, plan, patterns)
-        y = y.index_select(0, plan.leave[layout])
+        y = _permute_rows(y, plan.leave[layout], plan.enter[layout])
         # (B, H, W, C) viewed as NCHW is channels-last: the convolution reads the stream as it is.
         y = self.conv(y.view(b, h, w, c).permute(0, 3, 1, 2))
         return y.permute(0, 2, 3, 1).reshape(-1, c) + x
