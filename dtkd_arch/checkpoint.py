@@ -4,9 +4,17 @@ Handled layouts: a bare state dict (ResShift's released ``.pth`` files), one nes
 ``'state_dict'`` (ResShift / Lightning training checkpoints), ``'params_ema'`` or ``'params'``
 (BasicSR's ``save_network``), with keys possibly prefixed by ``module.`` (DataParallel /
 DistributedDataParallel) or ``_orig_mod.`` (``torch.compile``).
+
+Every file is read by :func:`safe_torch_load`: ``torch.load(weights_only=True)``, which rebuilds
+tensors, numbers, strings and containers (and, here, plain numpy arrays) but never calls the
+functions a pickle names. A file that names anything else (a checkpoint carrying pickled code)
+is refused with :class:`UnsafeCheckpointError`, and nothing from it runs.
 """
 import os
+import pickle
+import re
 
+import numpy as np
 import torch
 
 from dtkd_compat import OptionError
@@ -33,6 +41,67 @@ class CheckpointFormatError(OptionError):
     """The file is not a state dict in one of the supported layouts."""
 
 
+class UnsafeCheckpointError(CheckpointFormatError):
+    """The file holds pickled Python objects other than weights (it could run code); it is not loaded."""
+
+
+def _numpy_globals():
+    """numpy's array, scalar and dtype constructors (pure data), under the names numpy 1.x and 2.x pickle them."""
+    multiarray = getattr(np, '_core', getattr(np, 'core', None)).multiarray
+    objs = [(multiarray._reconstruct, 'numpy.core.multiarray._reconstruct'),
+            (multiarray._reconstruct, 'numpy._core.multiarray._reconstruct'),
+            (multiarray.scalar, 'numpy.core.multiarray.scalar'),
+            (multiarray.scalar, 'numpy._core.multiarray.scalar'),
+            (np.ndarray, 'numpy.ndarray'), (np.dtype, 'numpy.dtype')]
+    for code in '?bBhHiIlLqQefdgFDG':
+        cls = type(np.dtype(code))
+        objs.append((cls, f'numpy.dtypes.{cls.__name__}'))
+    return objs
+
+
+_SAFE_EXTRA = _numpy_globals()
+
+
+def unsafe_globals(path):
+    """Names of the Python objects the pickle in ``path`` refers to that weights-only loading refuses."""
+    try:
+        with torch.serialization.safe_globals(_SAFE_EXTRA):
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(os.fspath(path)))
+    except Exception:  # legacy (non-zip) files: the name comes from the loader's message instead
+        return []
+
+
+def safe_torch_load(path, what='checkpoint', option_key=None):
+    """``torch.load(path, map_location='cpu', weights_only=True)`` with errors that say what is wrong.
+
+    Tensors, numbers, strings, containers and plain numpy arrays load; nothing the file names is
+    called. Raises FileNotFoundError (missing file), :class:`UnsafeCheckpointError` (the file holds
+    pickled code or other objects) or :class:`CheckpointFormatError` (truncated or not a PyTorch file);
+    the messages name the file and, when given, the option key that holds its path.
+    """
+    path = os.fspath(path)
+    where = f'{option_key}: ' if option_key else ''
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}{what} '{path}' does not exist")
+    try:
+        with torch.serialization.safe_globals(_SAFE_EXTRA):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        names = unsafe_globals(path) or re.findall(r'GLOBAL ([\w.]+)', str(err))[:1]
+        if not names:  # not a refusal of some object: the pickle itself is damaged or not one
+            detail = str(err).split('WeightsUnpickler error:')[-1].strip().splitlines()
+            raise CheckpointFormatError(f"{where}{what} '{path}' cannot be read (corrupt or not a PyTorch file): "
+                                        f"{detail[0] if detail else 'unreadable pickle'}") from None
+        raise UnsafeCheckpointError(
+            f"{where}{what} '{path}' was refused: it holds pickled Python objects ({', '.join(names[:5])}) besides "
+            'weights, and loading them could run code. Only tensors, numbers, strings, containers and numpy arrays '
+            'are read (torch.load weights_only=True); save the weights as a plain state dict.') from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as err:
+        first = str(err).splitlines()[0] if str(err) else ''
+        raise CheckpointFormatError(f"{where}{what} '{path}' cannot be read (truncated, corrupt or not a PyTorch "
+                                    f'file): {first or "empty file"}') from None
+
+
 def _strip_prefixes(key):
     changed = True
     while changed:
@@ -57,14 +126,15 @@ def load_state_dict_file(path, what='checkpoint', option_key=None):
 
     Raises:
         FileNotFoundError: the file does not exist (the message says how to get it).
-        CheckpointFormatError: the file holds no tensor dict in a known layout.
+        CheckpointFormatError: the file holds no tensor dict in a known layout, or cannot be read.
+        UnsafeCheckpointError: the file holds pickled objects other than weights (nothing is run).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         hint = _DOWNLOAD_HINTS.get(os.path.basename(path), 'check the path')
         where = f' and set {option_key}' if option_key else ''
         raise FileNotFoundError(f"{what} checkpoint '{path}' not found: {hint}{where}")
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = safe_torch_load(path, what=f'{what} checkpoint', option_key=option_key)
     if isinstance(state, dict):
         for key in _WRAPPER_KEYS:
             if isinstance(state.get(key), dict):

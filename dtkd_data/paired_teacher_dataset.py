@@ -9,8 +9,12 @@ the flip/rotation draw, so the teacher patch is always the teacher's view of the
 
 All teacher entries are checked at construction (presence and size, from ``meta_info.txt`` for
 LMDB and from image headers for folders), so a missing or wrongly sized teacher image stops the
-run before training starts. (The ``dtkd_data`` package imports ``dtkd_compat`` before this module,
-which makes basicsr importable.)
+run before training starts. Images are decoded by :func:`dtkd_data.image_checks.decode_image`:
+8-bit images exactly as BasicSR reads them, 16-bit images at full precision, grayscale expanded to
+RGB; an unreadable, truncated, CMYK or transparent image, or a pair whose sizes do not fit the
+scale or the crop, raises an error naming the files (``dtkd-train``/``dtkd-test`` scan the whole
+data set for these before starting, see :mod:`dtkd_data.image_checks`). (The ``dtkd_data``
+package imports ``dtkd_compat`` before this module, which makes basicsr importable.)
 """
 import copy
 import os
@@ -18,12 +22,13 @@ import os.path as osp
 
 from basicsr.data.data_util import paired_paths_from_meta_info_file
 from basicsr.data.transforms import augment, paired_random_crop
-from basicsr.utils import FileClient, bgr2ycbcr, imfrombytes, img2tensor, scandir
+from basicsr.utils import FileClient, bgr2ycbcr, img2tensor, scandir
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data as data
 from torchvision.transforms.functional import normalize
 
 from dtkd_compat import OptionError
+from dtkd_data.image_checks import BadImageError, decode_image
 from dtkd_data.lmdb_tools import IMG_EXTENSIONS, LmdbFormatError, image_hw, listing, lmdb_is_complete, read_meta_info
 
 MAX_LISTED = 10
@@ -198,7 +203,7 @@ class PairedTeacherDataset(data.Dataset):
 
     def _attach_teacher_paths(self):
         """Add ``teacher_path`` to every item after checking presence and size against the GT."""
-        missing, mismatched = [], []
+        missing, mismatched, unreadable = [], [], []
         if self.backend == 'lmdb':
             try:
                 gt_sizes = read_meta_info(self.gt_folder)
@@ -225,12 +230,16 @@ class PairedTeacherDataset(data.Dataset):
                     continue
                 teacher_path = osp.join(self.teacher_folder, by_stem[stem])
                 item['teacher_path'] = teacher_path
-                gt_size, teacher_size = _image_hw(item['gt_path']), _image_hw(teacher_path)
+                try:
+                    gt_size, teacher_size = _image_hw(item['gt_path']), _image_hw(teacher_path)
+                except TeacherDataError as err:
+                    unreadable.append(str(err))
+                    continue
                 if gt_size != teacher_size:
                     mismatched.append(f'{stem} (teacher {_hw(teacher_size)}, GT {_hw(gt_size)})')
-        if missing or mismatched:
+        if missing or mismatched or unreadable:
             missing, mismatched = sorted(missing), sorted(mismatched)
-            parts = []
+            parts = [f'{len(unreadable)} image(s) cannot be read: {_listing(unreadable)}'] if unreadable else []
             if missing:
                 parts.append(f'{len(missing)} GT image(s) have no teacher image: {_listing(missing)}')
             if mismatched:
@@ -241,10 +250,25 @@ class PairedTeacherDataset(data.Dataset):
 
     # ------------------------------------------------------------------ reading
     def _read(self, path, client_key):
-        img_bytes = self.file_client.get(path, client_key)
+        folder = {'gt': self.gt_folder, 'lq': self.lq_folder, 'teacher': self.teacher_folder}[client_key]
+        name = f'{client_key.upper()} image {path}' + (f' of {folder}' if self.backend == 'lmdb' else '')
+        try:
+            img_bytes = self.file_client.get(path, client_key)
+        except OSError as err:
+            raise BadImageError(f'{name} cannot be read: {err}') from None
         if img_bytes is None:
-            raise FileNotFoundError(f'{client_key} image {path} is not in {self.backend} storage.')
-        return imfrombytes(img_bytes, float32=True)
+            raise BadImageError(f'{name} is not in {self.backend} storage.')
+        return decode_image(img_bytes, name)
+
+    def _check_pair(self, img_gt, img_lq, gt_path, lq_path):
+        """Training pairs: GT exactly scale x LQ and at least gt_size (BasicSR's crop would fail obscurely)."""
+        scale, gt_size = self.opt['scale'], self.opt['gt_size']
+        (hg, wg), (hl, wl) = img_gt.shape[:2], img_lq.shape[:2]
+        if (hg, wg) != (hl * scale, wl * scale):
+            raise BadImageError(f'GT {gt_path} ({hg}x{wg}) is not {scale}x its LQ {lq_path} ({hl}x{wl})')
+        if min(hg, wg) < gt_size:
+            raise BadImageError(f'GT {gt_path} ({hg}x{wg}) is smaller than the training crop '
+                                f"{self._key('gt_size')}={gt_size}")
 
     def __getitem__(self, index):
         if self.file_client is None:
@@ -260,6 +284,7 @@ class PairedTeacherDataset(data.Dataset):
             gts.append(self._read(item['teacher_path'], 'teacher'))
 
         if self.opt.get('phase') == 'train':
+            self._check_pair(img_gt, img_lq, gt_path, lq_path)
             # The teacher rides along with the GT: one crop window, one flip/rotation draw. The
             # draws are the same as PairedImageDataset's, so with the same seed gt/lq are identical.
             gts, img_lq = paired_random_crop(gts, img_lq, self.opt['gt_size'], scale, gt_path)
@@ -274,6 +299,9 @@ class PairedTeacherDataset(data.Dataset):
             img_lq = bgr2ycbcr(img_lq, y_only=True)[..., None]
 
         if self.opt.get('phase') != 'train':
+            (hg, wg), (hl, wl) = gts[0].shape[:2], img_lq.shape[:2]
+            if hg < hl * scale or wg < wl * scale:
+                raise BadImageError(f'GT {gt_path} ({hg}x{wg}) is smaller than {scale}x its LQ {lq_path} ({hl}x{wl})')
             # Benchmark GTs are not always scale x LQ; BasicSR crops them the same way.
             gts = [img[0:img_lq.shape[0] * scale, 0:img_lq.shape[1] * scale, :] for img in gts]
 

@@ -28,7 +28,6 @@ import pickle
 import re
 import shutil
 import tempfile
-import warnings
 
 import numpy as np
 import torch
@@ -65,18 +64,20 @@ def _require_files(metric_name, files):
 
 
 def _load_state_dict(path, what):
-    """Read a state dict; tensors only where possible (no code runs from the file)."""
+    """Read a state dict without running code from the file.
+
+    pyiqa 0.1.16 itself reads its checkpoints with ``torch.load(weights_only=False)``, which runs
+    whatever a pickle names. Here the file is read with ``weights_only=True`` (tensors, containers
+    and plain numpy arrays, through :func:`dtkd_arch.checkpoint.safe_torch_load`); a file that names
+    anything else is refused (``WeightsLoadError``) and nothing from it runs. There is no fallback
+    to full unpickling.
+    """
+    from dtkd_arch.checkpoint import CheckpointFormatError, safe_torch_load
+
     try:
-        try:
-            state = torch.load(path, map_location='cpu', weights_only=True)
-        except pickle.UnpicklingError:
-            # pyiqa 0.1.16 reads its checkpoints with weights_only=False; fall back to that, as it would.
-            warnings.warn(f'{path} holds more than tensors; loading it with full unpickling as pyiqa does',
-                          stacklevel=3)
-            state = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as error:  # corrupt or truncated file
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise WeightsLoadError(f'Could not read {what} from {path}: {message}') from None
+        state = safe_torch_load(path, what=what)
+    except CheckpointFormatError as error:  # pickled code, corrupt or truncated file
+        raise WeightsLoadError(f'Could not read {what} from {path}: {error}') from None
     if isinstance(state, dict):
         for key in ('params_ema', 'params', 'state_dict'):
             if key in state and isinstance(state[key], dict):
@@ -146,6 +147,9 @@ class LPIPSMetric:
                                      (ALEXNET, self.backbone_path, bool(backbone_path))])
         from pyiqa.archs.lpips_arch import LPIPS
 
+        # torchvision reads the backbone with full unpickling (weights_only=False); check it first,
+        # so that a backbone file carrying pickled code is refused before torchvision opens it.
+        _load_state_dict(self.backbone_path, ALEXNET.what)
         try:
             with _torchvision_sees(ALEXNET, self.backbone_path):
                 net = LPIPS(pretrained=False, net='alex', version='0.1')

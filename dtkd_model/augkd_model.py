@@ -51,6 +51,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 
 from dtkd_compat import OptionError
 from dtkd_model.dtkd_model import DTKDModel
+from dtkd_model.launch import unknown_key_error
 from dtkd_model.tiling import forward_padded
 
 INVERTIBLE_OPS = ('invert', 'flip_lr', 'flip_ud', 'transpose')
@@ -189,7 +190,7 @@ class AugKDModel(DTKDModel):
             raise AugKDOptionError('train.augkd_opt: expected a mapping')
         unknown = sorted(set(opt) - set(AUGKD_DEFAULTS))
         if unknown:
-            raise AugKDOptionError(f'train.augkd_opt.{unknown[0]}: unknown option (known: {", ".join(AUGKD_DEFAULTS)})')
+            raise AugKDOptionError(str(unknown_key_error(unknown[0], AUGKD_DEFAULTS, 'train.augkd_opt')))
         out = {**AUGKD_DEFAULTS, **opt}
         if out['label_source'] not in LABEL_SOURCES:
             raise AugKDOptionError(f"train.augkd_opt.label_source: expected one of {LABEL_SOURCES}, "
@@ -203,8 +204,11 @@ class AugKDModel(DTKDModel):
             raise AugKDOptionError(f'train.augkd_opt.n_zoom_in: expected an integer >= 1, got {n!r}')
         cons = out['consistency']
         if cons is not None:
-            if not isinstance(cons, dict) or set(cons) - {'prob', 'ops'}:
+            if not isinstance(cons, dict):
                 raise AugKDOptionError('train.augkd_opt.consistency: expected {prob: <0..1>, ops: [...]} or ~')
+            for key in cons:
+                if key not in ('prob', 'ops'):
+                    raise AugKDOptionError(str(unknown_key_error(key, ('prob', 'ops'), 'train.augkd_opt.consistency')))
             prob = cons.get('prob', 0.3)
             ops = list(cons.get('ops', INVERTIBLE_OPS))
             if not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
@@ -284,13 +288,16 @@ class AugKDModel(DTKDModel):
                 terms['l_zoom_out_pix'] = a['zoom_out_pix_weight'] * self.cri_pix(pred, self.lq)
             if a['zoom_out_weight'] > 0:
                 terms['l_zoom_out_kd'] = a['zoom_out_weight'] * self.cri_kd(pred, self.teacher_label(x))
+        stepped = self.step_taken
         if terms:
             total = sum(terms.values())
             total.backward()
-            self.optimizer_g.step()
+            if self.finite_step(total, terms, current_iter):
+                self.optimizer_g.step()
+                stepped = True
             log.update(self.reduce_loss_dict(OrderedDict((k, v.detach()) for k, v in terms.items())))
         self.log_dict = log
-        if self.ema_decay > 0:
+        if stepped and self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
 
 

@@ -12,6 +12,10 @@ L_total(t) = L_task(S, GT) + lambda(t) · L_KD(S, T)        (DTKD, Electronics 2
 
 Validation and testing reflect-pad the input to a multiple of the student's window and crop back,
 so any image size works; ``val.tile: {tile_size, tile_pad}`` switches to blended tiles.
+
+Checkpoints and training states are written atomically and only when finite; a step whose loss or
+gradients hold NaN/Inf is skipped, and ``train.max_nonfinite_steps`` consecutive ones stop training
+(:mod:`dtkd_model.safe_training`).
 """
 from collections import OrderedDict
 from copy import deepcopy
@@ -21,7 +25,7 @@ import torch
 from basicsr.losses import build_loss
 from basicsr.metrics import calculate_metric
 from basicsr.models.sr_model import SRModel
-from basicsr.utils import get_root_logger, imwrite, tensor2img
+from basicsr.utils import get_root_logger, tensor2img
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -29,11 +33,12 @@ from tqdm import tqdm
 from dtkd_loss.dwt_kd_loss import band_group_discrepancy
 from dtkd_model.kd_schedule import KDWeightSchedule
 from dtkd_model.launch import OptionError
+from dtkd_model.safe_training import SafeTrainingMixin, atomic_imwrite, max_nonfinite_steps
 from dtkd_model.tiling import forward_padded, tiled_forward
 
 
 @MODEL_REGISTRY.register()
-class DTKDModel(SRModel):
+class DTKDModel(SafeTrainingMixin, SRModel):
     """Student training with response distillation from a (diffusion) teacher."""
 
     def __init__(self, opt):
@@ -47,6 +52,8 @@ class DTKDModel(SRModel):
         train = opt.get('train') or {}
         if opt.get('is_train') and not train.get('pixel_opt'):
             raise OptionError('train.pixel_opt: DTKDModel needs a task loss (the paper uses L1Loss)')
+        if opt.get('is_train'):
+            max_nonfinite_steps(train)
         kd_opt = train.get('kd_opt')
         if kd_opt is not None:
             if not isinstance(kd_opt, dict) or 'type' not in kd_opt:
@@ -146,10 +153,13 @@ class DTKDModel(SRModel):
                         loss_dict[f'kd_{name}'] = value.mean()
             loss_dict['lambda_kd'] = torch.tensor(lam, device=self.device)
         l_total.backward()
-        self.optimizer_g.step()
+        extra = {'teacher output': self.teacher} if self.teacher is not None else None
+        self.step_taken = self.finite_step(l_total, loss_dict, current_iter, extra=extra)
+        if self.step_taken:
+            self.optimizer_g.step()
 
         self.log_dict = self.reduce_loss_dict(loss_dict)
-        if self.ema_decay > 0:
+        if self.step_taken and self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
 
     # ------------------------------------------------------------------ inference
@@ -207,7 +217,7 @@ class DTKDModel(SRModel):
                 else:
                     suffix = val_opt.get('suffix') or self.opt['name']
                     save_path = osp.join(self.opt['path']['visualization'], dataset_name, f'{img_name}_{suffix}.png')
-                imwrite(sr_img, save_path)
+                atomic_imwrite(sr_img, save_path)
 
             if with_metrics:
                 values = {}

@@ -11,10 +11,21 @@ unchanged. Three of the functions they call are replaced by safer equivalents be
   start without a GPU. Here the backend is NCCL when CUDA is available and gloo otherwise
   (``dist_params.backend`` overrides), and device selection is skipped on the CPU.
 - ``load_resume_state``: BasicSR maps the state onto ``torch.cuda.current_device()``; here it is
-  loaded on the CPU (the optimizer moves it where its parameters are) with ``weights_only=True``.
+  loaded on the CPU (the optimizer moves it where its parameters are) with ``weights_only=True``;
+  a state file carrying pickled code is refused (nothing from it runs).
+
+Before anything is created, :func:`validate_options` checks the options: required keys, the keys
+of the project's own blocks (``train.kd_opt``, ``train.kd_schedule``, ``train.augkd_opt``,
+``teacher``, ``val.tile``, the data-set blocks, and for DTKD models the ``train``/``val``/top-level
+blocks: an unknown key is an error that names it and suggests the closest valid one), the paths
+(data roots, teacher option file, checkpoints, which must hold weights only); then
+:func:`dtkd_data.image_checks.check_datasets` scans the data sets (``dataset_check: quick`` by default,
+``full`` to decode every image, ``off``) and reports every bad image at once.
 """
 import argparse
 import collections
+import difflib
+import inspect
 import os
 import random
 import sys
@@ -53,6 +64,23 @@ def load_yaml(path, key=None):
     return opt
 
 
+def unknown_key_error(key, known, where):
+    """OptionError for an unknown ``key`` of the block ``where``, suggesting the closest known key."""
+    known = sorted(str(k) for k in known)
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ''
+    return OptionError(f'{where}.{key}: unknown option{hint} (valid: {", ".join(known)})')
+
+
+def check_keys(block, known, where):
+    """Raise :func:`unknown_key_error` for the first key of the mapping ``block`` not in ``known``."""
+    if not isinstance(block, dict):
+        raise OptionError(f'{where}: expected a mapping, got {type(block).__name__}')
+    for key in block:
+        if key not in known:
+            raise unknown_key_error(key, known, where)
+
+
 def apply_force_yml(opt, entries):
     """Apply ``--force_yml a:b:c=value`` overrides. Values are parsed as YAML scalars/lists.
 
@@ -63,7 +91,11 @@ def apply_force_yml(opt, entries):
             raise OptionError(f'--force_yml {entry!r}: expected key:subkey=value')
         keys, value = entry.split('=', 1)
         keys = [k.strip() for k in keys.strip().split(':')]
-        value = yaml.safe_load(value.strip())
+        try:
+            value = yaml.safe_load(value.strip())
+        except yaml.YAMLError as err:
+            raise OptionError(f'--force_yml {entry!r}: the value is not plain YAML (python tags are refused): '
+                              f'{str(err).splitlines()[0]}') from None
         node = opt
         for i, key in enumerate(keys):
             if not isinstance(node, dict) or key not in node:
@@ -116,14 +148,142 @@ def validate_options(opt, is_train):
     if not isinstance(opt['path'], dict):
         raise OptionError('path: expected a mapping')
     for key, val in opt['path'].items():
-        if 'pretrain_network' in key and val is not None and not osp.isfile(osp.expanduser(val)):
-            raise OptionError(f'path.{key}: checkpoint {val!r} does not exist')
+        if 'pretrain_network' in key and val is not None:
+            check_checkpoint_file(osp.expanduser(val), f'path.{key}')
+    check_project_blocks(opt, is_train)
     num_gpu = opt.get('num_gpu', 'auto')
     if num_gpu != 'auto' and (not isinstance(num_gpu, int) or num_gpu < 0):
         raise OptionError(f"num_gpu: expected 'auto' or a non-negative integer, got {num_gpu!r}")
     if isinstance(num_gpu, int) and num_gpu > torch.cuda.device_count():
         raise OptionError(f'num_gpu: {num_gpu} requested but {torch.cuda.device_count()} CUDA device(s) '
                           "available; use num_gpu: auto (0 means CPU)")
+
+
+DTKD_MODELS = ('DTKDModel', 'AugKDModel')
+TOP_KEYS = ('name', 'model_type', 'scale', 'num_gpu', 'manual_seed', 'datasets', 'network_g', 'path', 'train', 'val',
+            'logger', 'dist_params', 'teacher', 'dataset_check', 'find_unused_parameters')
+TRAIN_KEYS = ('ema_decay', 'optim_g', 'scheduler', 'total_iter', 'warmup_iter', 'pixel_opt', 'perceptual_opt',
+              'kd_opt', 'kd_schedule', 'max_nonfinite_steps')
+VAL_KEYS = ('val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'tile', 'pad_multiple', 'model_label', 'kd_label')
+TEACHER_KEYS = ('opt', 'precision')
+TILE_KEYS = ('tile_size', 'tile_pad')
+PAIRED_DATASETS = ('PairedTeacherDataset', 'PairedImageDataset')
+DATASET_KEYS = ('name', 'type', 'phase', 'scale', 'dataroot_gt', 'dataroot_lq', 'dataroot_teacher', 'io_backend',
+                'meta_info_file', 'filename_tmpl', 'gt_size', 'use_hflip', 'use_rot', 'color', 'mean', 'std',
+                'num_worker_per_gpu', 'batch_size_per_gpu', 'dataset_enlarge_ratio', 'prefetch_mode',
+                'num_prefetch_queue', 'pin_memory', 'persistent_workers', 'use_shuffle')
+DATASET_CHECK_MODES = ('quick', 'full', 'off')
+
+
+def _check_loss_block(block, where):
+    """A loss block: a registered ``type`` and only the keyword arguments its class takes."""
+    from basicsr.utils.registry import LOSS_REGISTRY
+
+    register_all()
+    if not isinstance(block, dict) or not isinstance(block.get('type'), str):
+        raise OptionError(f'{where}.type: expected a loss block with a type, e.g. {{type: L1Loss}}')
+    names = list(LOSS_REGISTRY._obj_map)
+    if block['type'] not in names:
+        close = difflib.get_close_matches(block['type'], names, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ''
+        raise OptionError(f"{where}.type: unknown loss {block['type']!r}{hint}")
+    params = inspect.signature(LOSS_REGISTRY.get(block['type']).__init__).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    check_keys(block, ['type'] + [n for n in params if n != 'self'], where)
+
+
+def check_project_blocks(opt, is_train):
+    """Unknown keys and values of the project's own option blocks, named with the closest valid key."""
+    from dtkd_model.kd_schedule import KDWeightSchedule
+    from dtkd_model.safe_training import max_nonfinite_steps
+
+    dtkd = opt.get('model_type') in DTKD_MODELS
+    if dtkd:
+        check_keys(opt, TOP_KEYS, 'options')
+    mode = opt.get('dataset_check', 'quick')
+    if mode is False:
+        mode = 'off'
+    if mode not in DATASET_CHECK_MODES:
+        raise OptionError(f'dataset_check: expected one of {", ".join(DATASET_CHECK_MODES)}, got {mode!r}')
+    for phase, dopt in opt['datasets'].items():
+        if dopt.get('type') in PAIRED_DATASETS:
+            check_keys(dopt, DATASET_KEYS, f'datasets.{phase}')
+    teacher = opt.get('teacher')
+    if teacher is not None:
+        check_keys(teacher, TEACHER_KEYS, 'teacher')
+        if not isinstance(teacher.get('opt'), str):
+            raise OptionError('teacher.opt: expected the path of a teacher option file, '
+                              'e.g. options/teacher/resshift_realsr_x4.yml')
+        load_yaml(osp.expanduser(teacher['opt']), key='teacher.opt')  # as the teacher loader opens it
+    val = opt.get('val')
+    if val is not None:
+        if not isinstance(val, dict):
+            raise OptionError('val: expected a mapping')
+        if dtkd:
+            check_keys(val, VAL_KEYS, 'val')
+        if val.get('tile') is not None:
+            check_keys(val['tile'], TILE_KEYS, 'val.tile')
+    train = opt.get('train')
+    if not is_train or not isinstance(train, dict):
+        return
+    if dtkd:
+        known = TRAIN_KEYS + (('augkd_opt',) if opt['model_type'] == 'AugKDModel' else ())
+        check_keys(train, known, 'train')
+        for name in ('pixel_opt', 'perceptual_opt', 'kd_opt'):
+            if train.get(name) is not None:
+                _check_loss_block(train[name], f'train.{name}')
+    max_nonfinite_steps(train)
+    kd_opt = train.get('kd_opt')
+    if train.get('kd_schedule') is not None or kd_opt is not None:
+        schedule = train.get('kd_schedule')
+        if isinstance(schedule, dict):
+            check_keys(schedule, ('type', 'start_iter', 'end_iter'), 'train.kd_schedule')
+        weight = kd_opt.get('loss_weight', 1.0) if isinstance(kd_opt, dict) else 1.0
+        try:
+            KDWeightSchedule.from_options(schedule, weight, train.get('total_iter'))
+        except ValueError as err:
+            raise OptionError(str(err)) from None
+    if opt['model_type'] == 'AugKDModel':
+        from dtkd_model.augkd_model import AugKDModel
+
+        AugKDModel._parse_augkd(train.get('augkd_opt'))
+
+
+def check_paths(opt):
+    """The data roots and files the data sets read exist (the data-set scan looks inside them)."""
+    for phase, dopt in opt['datasets'].items():
+        if dopt.get('type') not in PAIRED_DATASETS:
+            continue
+        lmdb = isinstance(dopt.get('io_backend'), dict) and dopt['io_backend'].get('type') == 'lmdb'
+        for key in ('dataroot_gt', 'dataroot_lq', 'dataroot_teacher'):
+            root = dopt.get(key)
+            if root is None:
+                continue
+            if not isinstance(root, str):
+                raise OptionError(f'datasets.{phase}.{key}: expected a path, got {root!r}')
+            root = osp.expanduser(root)
+            if not osp.isdir(root):
+                raise OptionError(f'datasets.{phase}.{key}: {"LMDB" if lmdb else "folder"} {root!r} does not exist')
+            if lmdb and not (osp.isfile(osp.join(root, 'data.mdb')) and osp.isfile(osp.join(root, 'meta_info.txt'))):
+                raise OptionError(f'datasets.{phase}.{key}: {root!r} is not a complete LMDB '
+                                  '(data.mdb and meta_info.txt expected)')
+        meta = dopt.get('meta_info_file')
+        if meta is not None and not lmdb and not osp.isfile(osp.expanduser(str(meta))):
+            raise OptionError(f'datasets.{phase}.meta_info_file: file {meta!r} does not exist')
+
+
+def check_checkpoint_file(path, key):
+    """A checkpoint named by option ``key`` exists and holds weights only (its pickle is scanned, not loaded)."""
+    from dtkd_arch.checkpoint import UnsafeCheckpointError, unsafe_globals
+
+    if not osp.isfile(path):
+        raise OptionError(f'{key}: checkpoint {path!r} does not exist')
+    names = unsafe_globals(path)
+    if names:
+        raise UnsafeCheckpointError(f"{key}: checkpoint '{path}' was refused: it holds pickled Python objects "
+                                    f"({', '.join(names[:5])}) besides weights, and loading them could run code; "
+                                    'save the weights as a plain state dict')
 
 
 def resolve_metric_weights(opt):
@@ -186,6 +346,7 @@ def parse_options(root_path, is_train=True, argv=None):
     opt = load_yaml(args.opt)
     apply_force_yml(opt, args.force_yml)
     validate_options(opt, is_train)
+    check_paths(opt)
     resolve_metric_weights(opt)
 
     if args.launcher == 'none':
@@ -220,6 +381,11 @@ def parse_options(root_path, is_train=True, argv=None):
         if val is not None and ('resume_state' in key or 'pretrain_network' in key):
             opt['path'][key] = osp.expanduser(val)
     opt['path'].setdefault('resume_state', None)
+
+    if opt.get('dataset_check', 'quick') not in ('off', False):
+        from dtkd_data.image_checks import check_datasets
+
+        check_datasets(opt, mode=opt.get('dataset_check', 'quick'))
 
     if is_train:
         experiments_root = osp.join(root_path, 'experiments', opt['name'])
@@ -264,7 +430,11 @@ def load_resume_state(opt):
 
     if resume_state_path is None:
         return None
-    resume_state = torch.load(resume_state_path, map_location='cpu', weights_only=True)
+    from dtkd_arch.checkpoint import CheckpointFormatError, safe_torch_load
+
+    resume_state = safe_torch_load(resume_state_path, what='training state', option_key='path.resume_state')
+    if not isinstance(resume_state, dict) or not isinstance(resume_state.get('iter'), int):
+        raise CheckpointFormatError(f"path.resume_state: '{resume_state_path}' is not a BasicSR training state")
     check_resume(opt, resume_state['iter'])
     return resume_state
 
@@ -288,11 +458,16 @@ def run(pipeline_module, pipeline_name, is_train):
     pipeline_module.parse_options = lambda root_path, is_train=is_train: parse_options(root_path, is_train)
     if is_train:
         pipeline_module.load_resume_state = load_resume_state
+    from dtkd_model.safe_training import NonFiniteError
+
     try:
         getattr(pipeline_module, pipeline_name)(os.getcwd())
     except user_errors as err:
         print(f'error: {err}', file=sys.stderr)
         raise SystemExit(2) from None
+    except NonFiniteError as err:
+        print(f'error: {err}', file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

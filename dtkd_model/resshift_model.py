@@ -40,12 +40,10 @@ model additionally needs its sampler to pass the up-sampled LR image (:class:`_U
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from basicsr.archs import build_network
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import ARCH_REGISTRY, MODEL_REGISTRY
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dtkd_arch.checkpoint import (
@@ -54,9 +52,12 @@ from dtkd_arch.checkpoint import (
     describe_mismatch,
     load_pretrained,
     load_state_dict_file,
+    safe_torch_load,
 )
 from dtkd_compat import OptionError
+from dtkd_model.dtkd_model import DTKDModel
 from dtkd_model.resshift_diffusion import DiffusionOptionError, ResShiftDiffusion
+from dtkd_model.safe_training import SafeTrainingMixin, max_nonfinite_steps
 
 OPTIMIZERS = {'Adam': torch.optim.Adam, 'AdamW': torch.optim.AdamW}
 
@@ -76,7 +77,7 @@ def load_network_state(path, param_key='params'):
     Returns:
         tuple(dict[str, Tensor], str): the state dict and the key it came from ('<file>' for the whole file).
     """
-    raw = torch.load(path, map_location='cpu', weights_only=True)
+    raw = safe_torch_load(path, what='network checkpoint', option_key='path.pretrain_network_g')
     if isinstance(raw, dict) and param_key is not None:
         for key in (param_key, 'params'):
             if isinstance(raw.get(key), dict):
@@ -90,27 +91,8 @@ def load_network_state(path, param_key='params'):
     return load_state_dict_file(path), '<file>'
 
 
-class _UpsampledLQ(nn.Module):
-    """Pixel-space wrapper: hands the network the LR image bicubic up-sampled to its input size.
-
-    The sampler passes the LR image; a pixel-space ResShift network works at HR size and was trained
-    with the up-sampled LR (``z_y``), obtained with the same ``F.interpolate`` call as here.
-    """
-
-    def __init__(self, net, sf):
-        super().__init__()
-        self.net = net
-        self.sf = sf
-        self.cond_lq = True
-
-    def forward(self, x, timesteps, lq=None, **kwargs):
-        if lq is not None and lq.shape[-2:] != x.shape[-2:]:
-            lq = F.interpolate(lq, scale_factor=self.sf, mode='bicubic')
-        return self.net(x, timesteps, lq=lq, **kwargs)
-
-
 @MODEL_REGISTRY.register()
-class ResShiftModel(SRModel):
+class ResShiftModel(SafeTrainingMixin, SRModel):
     """Trains ``net_g`` (ResShiftUNet) with ResShift's objective; validation samples with the teacher sampler."""
 
     def __init__(self, opt):
@@ -149,6 +131,8 @@ class ResShiftModel(SRModel):
                 f"network_g.lq_size: in pixel space (autoencoder: ~) the network is conditioned on the up-sampled LR "
                 f"image, so lq_size must equal image_size ({net.get('image_size')}), got {net.get('lq_size', 256)}")
         train = opt.get('train') or {}
+        if opt.get('is_train'):
+            max_nonfinite_steps(train)
         optim = train.get('optim_g') or {}
         if opt.get('is_train') and optim.get('type') not in OPTIMIZERS:
             raise ResShiftOptionError(f"train.optim_g.type: expected one of {sorted(OPTIMIZERS)}, "
@@ -174,17 +158,20 @@ class ResShiftModel(SRModel):
         ckpt = params.pop('ckpt', None)
         if not arch:
             raise ResShiftOptionError('autoencoder.type: required (VQAutoencoder)')
-        if not ckpt:
-            raise ResShiftOptionError('autoencoder.ckpt: required: the frozen first stage the latents are defined by '
-                                      '(the released file is autoencoder_vq_f4.pth, ResShift release v2.0)')
         try:
             cls = ARCH_REGISTRY.get(arch)
         except KeyError:
             raise ResShiftOptionError(f'autoencoder.type: no architecture named {arch!r} is registered') from None
+        needs_ckpt = getattr(cls, 'needs_checkpoint', True)
+        if not ckpt and needs_ckpt:
+            raise ResShiftOptionError('autoencoder.ckpt: required: the frozen first stage the latents are defined by '
+                                      '(the released file is autoencoder_vq_f4.pth, ResShift release v2.0)')
         try:
             ae = cls(**params)
         except (TypeError, KeyError, ValueError) as err:
             raise ResShiftOptionError(f'autoencoder: options do not fit {arch}: {err}') from None
+        if not needs_ckpt and not ckpt:  # a first stage without weights (SpaceToDepthAutoencoder)
+            return ae.eval().to(device)
         try:
             load_pretrained(ae, ckpt, strict=True, what='ResShift autoencoder', option_key='autoencoder.ckpt')
         except FileNotFoundError as err:
@@ -280,11 +267,13 @@ class ResShiftModel(SRModel):
         losses = self.diffusion_loss(self.net_g, inputs)
         loss = losses.mean()
         loss.backward()
-        self.optimizer_g.step()
-
         loss_dict = OrderedDict(l_mse=loss.detach())
+        stepped = self.finite_step(loss, loss_dict, current_iter)
+        if stepped:
+            self.optimizer_g.step()
+
         self.log_dict = self.reduce_loss_dict(loss_dict)
-        if self.ema_decay > 0:
+        if stepped and self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
 
     # ------------------------------------------------------------------ sampling
@@ -314,9 +303,8 @@ class ResShiftModel(SRModel):
         val = self.opt.get('val') or {}
         flags = [p.requires_grad for p in net.parameters()]
         was_training = net.training
-        unet = net if self.autoencoder is not None else _UpsampledLQ(net, self.diffusion.sf)
         try:
-            sampler = ResShiftTeacher(unet, self.autoencoder, self.opt['diffusion'], steps=val.get('steps'),
+            sampler = ResShiftTeacher(net, self.autoencoder, self.opt['diffusion'], steps=val.get('steps'),
                                       chop_size=val.get('chop_size', SAMPLER_DEFAULTS['chop_size']),
                                       chop_stride=val.get('chop_stride', SAMPLER_DEFAULTS['chop_stride']),
                                       pad_multiple=self._pad_multiple(), device=self.device, cond_lq=True)
@@ -327,6 +315,12 @@ class ResShiftModel(SRModel):
                 p.requires_grad_(flag)
             net.train(was_training)
         return out
+
+    # validation records per-image metrics and, in test runs (``dtkd-test``), writes the same summary
+    # files as DTKDModel, so teacher and students are reported side by side
+    nondist_validation = DTKDModel.nondist_validation
+    _results_recorder = DTKDModel._results_recorder
+    _kd_label = DTKDModel._kd_label
 
     def test(self):
         seed = int((self.opt.get('val') or {}).get('seed', 0))
@@ -344,6 +338,8 @@ def _autoencoder_downscale(block):
     """Spatial factor of the autoencoder block (2^(levels-1)); 1 in pixel space."""
     if not block:
         return 1
+    if block.get('type') == 'SpaceToDepthAutoencoder':
+        return int(block.get('factor', 4))
     ch_mult = (block.get('ddconfig') or {}).get('ch_mult', [1])
     return 2 ** (len(ch_mult) - 1)
 

@@ -11,7 +11,9 @@ the 15-step real-SR model ``resshift_realsrx4_s15_v1.pth`` with the VQ-f4 autoen
    on its own and the overlaps are averaged with equal weights;
 3. each patch is reflect-padded at the bottom/right to a multiple of ``pad_multiple`` (official:
    the UNet's ``lq_size``, 64), bicubic up-sampled by 4 (``F.interpolate(mode='bicubic')``),
-   encoded, sampled (the UNet also sees the padded LR), decoded, cropped back and clamped to [-1, 1];
+   encoded, sampled (the UNet also sees the padded LR; a pixel-space teacher, ``autoencoder: ~``,
+   works at HR size and sees the up-sampled LR, as ``ResShiftModel`` trains it), decoded, cropped
+   back and clamped to [-1, 1];
 4. back to [0, 1].
 
 The random draws follow the official order (per patch: prior noise, then one per step). Without a
@@ -93,13 +95,19 @@ def _build_network(block, name, what, default_ckpt):
     arch = params.pop('type', None)
     if not arch:
         raise TeacherOptionError(f'{name}.type: required (e.g. ResShiftUNet / VQAutoencoder)')
-    if 'ckpt' not in params:
-        raise TeacherOptionError(f'{name}.ckpt: required: path of {default_ckpt} (download: {_DOWNLOAD}{default_ckpt})')
-    ckpt = params.pop('ckpt')
     try:
         cls = ARCH_REGISTRY.get(arch)
     except KeyError as err:
         raise TeacherOptionError(f'{name}.type: no architecture named {arch!r} is registered') from err
+    if not getattr(cls, 'needs_checkpoint', True) and params.get('ckpt') is None:
+        params.pop('ckpt', None)
+        try:
+            return cls(**params)  # a network without weights (e.g. SpaceToDepthAutoencoder)
+        except (TypeError, ValueError) as err:
+            raise TeacherOptionError(f'{name}: options do not fit {arch}: {err}') from err
+    if 'ckpt' not in params:
+        raise TeacherOptionError(f'{name}.ckpt: required: path of {default_ckpt} (download: {_DOWNLOAD}{default_ckpt})')
+    ckpt = params.pop('ckpt')
     if ckpt is None or ckpt == '':
         raise TeacherOptionError(f'{name}.ckpt: a checkpoint path is required (the teacher is never run with '
                                  f'random weights); the released file is {_DOWNLOAD}{default_ckpt}')
@@ -287,7 +295,13 @@ class ResShiftTeacher(nn.Module):
         """(B, 3, h, w) in [-1, 1] -> (B, 3, sf*h, sf*w) in [-1, 1] (official ``sample_func``)."""
         ori_h, ori_w = y0.shape[-2:]
         y0 = self._pad(y0)
-        kwargs = {'lq': y0} if self.cond_lq else None
+        kwargs = None
+        if self.cond_lq:
+            # latent space: the UNet sees the LR image; pixel space: it works at HR size and sees the LR
+            # image bicubic up-sampled (the same F.interpolate call that gives the prior mean z_y)
+            cond = y0 if self.autoencoder is not None else F.interpolate(y0, scale_factor=self.diffusion.sf,
+                                                                         mode='bicubic')
+            kwargs = {'lq': cond}
         with self._autocast():
             out = self.diffusion.p_sample_loop(y0, self.unet, self.autoencoder, generator=generator,
                                                model_kwargs=kwargs)

@@ -37,7 +37,6 @@ import cv2
 import lmdb
 import numpy as np
 import torch
-import yaml
 
 from dtkd_compat import OptionError
 from dtkd_data.lmdb_tools import (
@@ -169,8 +168,14 @@ class ImageSource:
     def read(self, key):
         """uint8 HWC BGR image (HW for gray files)."""
         if self.kind == 'folder':
+            from dtkd_data.image_checks import check_image_file
+
+            path = osp.join(self.path, self.files[key])
+            _, problem = check_image_file(path)  # truncated, CMYK, transparent: refused by name
+            if problem:
+                raise TeacherCacheError(f'{self.what}: image {path} {problem}')
             try:
-                return read_image(osp.join(self.path, self.files[key]))
+                return read_image(path)
             except (OSError, ValueError) as err:
                 raise TeacherCacheError(f'{self.what}: {err}') from err
         if self._env is None:
@@ -270,10 +275,9 @@ def load_teacher_options(opt_path, steps=None, precision=None, device=None):
         if not osp.isfile(opt_path):
             raise TeacherCacheFileNotFound(f'-opt: teacher option file {opt_path} does not exist '
                                            '(e.g. options/teacher/resshift_realsr_x4.yml)')
-        with open(opt_path, encoding='utf-8') as f:
-            opt = yaml.safe_load(f)
-        if not isinstance(opt, dict):
-            raise TeacherCacheError(f'-opt {opt_path}: expected a mapping with unet / autoencoder / diffusion blocks')
+        from dtkd_model.launch import load_yaml
+
+        opt = load_yaml(opt_path, key='-opt')  # safe loader: python tags are refused, nothing runs
     sampler = opt.get('sampler') or {}
     if not isinstance(sampler, dict):
         raise TeacherCacheError('sampler: expected a mapping')
