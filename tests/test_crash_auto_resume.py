@@ -53,10 +53,12 @@ def test_auto_resume_after_a_random_sigkill(tiny_pairs, tmp_path):
     states = exp / 'training_states'
 
     pid = forking.start(train.main, str(tmp_path / 'killed.log'), cwd=str(tmp_path), argv=['dtkd-train', '-opt', yml])
+    # a random moment: after the k-th save (k = 1..5 of 10), a little later (inside an iteration or a save)
+    first_state = states / f'{SAVE_FREQ * random.randint(1, 5)}.state'
     deadline = time.time() + 120
-    while not (states / f'{SAVE_FREQ}.state').exists() and time.time() < deadline:
-        time.sleep(0.005)
-    time.sleep(random.uniform(0, 1.0))  # somewhere in the following iterations and saves
+    while not first_state.exists() and time.time() < deadline:
+        time.sleep(0.002)
+    time.sleep(random.uniform(0, 0.05))
     assert forking.kill(pid) == -9, open(tmp_path / 'killed.log').read()[-3000:]
 
     saved = sorted(int(n.split('.')[0]) for n in os.listdir(states) if n.endswith('.state'))

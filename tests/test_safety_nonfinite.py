@@ -121,3 +121,31 @@ def test_a_nan_network_is_never_saved(tmp_path):
         Saver().save_network(net, 'net_g', 5)
     assert open(tmp_path / 'net_g_5.pth', 'rb').read() == before
     assert os.listdir(tmp_path) == ['net_g_5.pth']
+
+
+def test_bad_iterations_are_counted_once_and_reset_by_a_good_one():
+    """The counting every model shares (SafeTrainingMixin.finite_step): two steps of one iteration (AugKD's
+    main and auxiliary steps) count once, a good iteration resets the count, gradients are cleared."""
+    from dtkd_model.safe_training import NonFiniteError, SafeTrainingMixin
+
+    class Model(SafeTrainingMixin):
+        def __init__(self):
+            self.opt = {'train': {'max_nonfinite_steps': 2}}
+            self.net_g = torch.nn.Linear(2, 1)
+
+    model = Model()
+
+    def step(it, x):
+        model.net_g.zero_grad()
+        loss = model.net_g(torch.tensor([[x, 1.0]])).sum()
+        loss.backward()
+        return model.finite_step(loss, {'l_task': loss}, it)
+
+    nan = float('nan')
+    assert step(1, 0.5)
+    assert not step(2, nan) and model.net_g.weight.grad is None  # skipped, gradients cleared
+    assert not step(2, nan)  # the auxiliary step of the same iteration: still one bad iteration
+    assert step(3, 0.5)  # resets
+    assert not step(4, nan)
+    with pytest.raises(NonFiniteError, match='training stopped at iter 5: 2 consecutive'):
+        step(5, float('inf'))
