@@ -113,6 +113,9 @@ def _build_network(block, name, what, default_ckpt):
                                  f'random weights); the released file is {_DOWNLOAD}{default_ckpt}')
     path = _resolve_ckpt(ckpt)
     if not os.path.isfile(path):
+        if os.path.basename(path) != default_ckpt:
+            raise FileNotFoundError(f"{what} checkpoint '{ckpt}' not found (option {name}.ckpt, also looked in "
+                                    f'{_REPO_ROOT})')
         raise FileNotFoundError(
             f"{what} checkpoint '{ckpt}' not found (option {name}.ckpt, also looked in {_REPO_ROOT}): download "
             f'{_DOWNLOAD}{default_ckpt} (ResShift release v2.0, github.com/zsyOAOA/ResShift) into weights/ or set '
