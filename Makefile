@@ -21,8 +21,11 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
+# make demo TEACHER=options/teacher/resshift_realsr_x4.yml: distill the official ResShift instead
+TEACHER ?= options/demo/resshift_demo_x4.yml
+
 demo: $(STAMP)
-	$(PY) scripts/run_demo.py
+	$(PY) scripts/run_demo.py --teacher $(TEACHER)
 
 clean:
-	rm -rf experiments tb_logger results datasets/demo
+	rm -rf experiments tb_logger results datasets/demo options_demo

@@ -42,8 +42,9 @@ TRAIN_PHOTOS = ('astronaut', 'rocket', 'motorcycle_left', 'motorcycle_right', 'h
 TEST_PHOTOS = ('coffee', 'chelsea', 'camera', 'gravel')
 
 PRESETS = {
-    # The demo training set: every photo at full size, 192x192 GT sub-images (48x48 LR).
-    'full': dict(train_photos=TRAIN_PHOTOS, test_photos=TEST_PHOTOS, max_side=None, crop_size=192, step=96),
+    # The demo training set: every photo at full size, 192x192 GT sub-images (48x48 LR), side by side
+    # (random training crops are taken inside them; the teacher is run once per sub-image).
+    'full': dict(train_photos=TRAIN_PHOTOS, test_photos=TEST_PHOTOS, max_side=None, crop_size=192, step=192),
     # For tests and CI: two training photos and one test photo, centre-cropped to 128x128.
     'tiny': dict(train_photos=('astronaut', 'rocket'), test_photos=('coffee', ), max_side=128, crop_size=64,
                  step=32),
