@@ -40,7 +40,8 @@ def main(argv=None):
     torch.save(weights, tmp)
     os.replace(tmp, args.output)
     n = sum(v.numel() for v in weights.values() if v.is_floating_point())
-    print(f'wrote {args.output}: {len(weights)} tensors, {n:,} parameters ({os.path.getsize(args.output) / 2**20:.1f} MiB)')
+    size = os.path.getsize(args.output) / 2**20
+    print(f'wrote {args.output}: {len(weights)} tensors, {n:,} parameters ({size:.1f} MiB)')
     return 0
 
 
