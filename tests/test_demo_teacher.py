@@ -130,3 +130,24 @@ def test_committed_demo_teacher_is_a_trained_generative_model():
         assert psnr(sr, gt) > psnr(raw, gt) + 10, name
         assert psnr(sr, gt) > psnr(bic, gt) - 4, name
         assert 3 * detail(bic) < detail(sr) < detail(gt), name
+
+
+def test_export_weights_keeps_the_ema_entry(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location('export_weights', os.path.join(REPO, 'scripts', 'export_weights.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    params = {'a': torch.rand(3, 4), 'b': torch.rand(5)}
+    ema = {'a': torch.rand(3, 4), 'b': torch.rand(5)}
+    src = tmp_path / 'net_g_latest.pth'
+    torch.save({'params': params, 'params_ema': ema}, src)
+    out = tmp_path / 'w' / 'bare.pth'
+    assert module.main([str(src), str(out)]) == 0
+    got = torch.load(out, weights_only=True)
+    assert set(got) == {'a', 'b'} and all(torch.equal(got[k], ema[k]) for k in ema)
+    assert module.main([str(src), str(out), '--key', 'params']) == 0
+    assert torch.equal(torch.load(out, weights_only=True)['a'], params['a'])
+    torch.save({'params': params}, src)
+    assert module.main([str(src), str(tmp_path / 'x.pth')]) == 2
+    assert "no 'params_ema' entry" in capsys.readouterr().err and not (tmp_path / 'x.pth').exists()
