@@ -6,7 +6,7 @@ speed-ups. Also checks that FastSwinIR fp32 equals BasicSR's SwinIR on the same 
 PSNR of the reduced-precision output against fp32 on photographs shipped with scikit-image.
 
     python scripts/benchmark_student.py [--sizes 64 128] [--repeats 9] [--train-iters 7] [--threads 2]
-        [--device auto|cpu|cuda] [--weights net_g.pth] [--compile] [--no-train]
+        [--device auto|cpu|cuda] [--weights net_g.pth] [--compile] [--no-train] [--no-inference]
 
 Without --weights the networks have BasicSR's random initialisation (speed does not depend on
 the values; the PSNR check is then a check of arithmetic, not of a trained model).
@@ -136,8 +136,7 @@ def psnr(a, b):
 def accuracy(ref, fast, device, size):
     print(f'\n### Accuracy on photographs (skimage.data, centre crop, bicubic down to {size}x{size} LR)\n')
     precisions = [p for p in fast if p != 'fp32']
-    print('| photo | FastSwinIR fp32 vs BasicSR: max abs | ' + ' | '.join(f'{p} vs fp32 PSNR dB' for p in precisions)
-          + ' |')
+    print('| photo | FastSwinIR fp32 vs BasicSR: max abs |' + ''.join(f' {p} vs fp32 PSNR dB |' for p in precisions))
     print('|---|---:|' + '---:|' * len(precisions))
     worst = {p: float('inf') for p in precisions}
     with torch.no_grad():
@@ -150,7 +149,7 @@ def accuracy(ref, fast, device, size):
                 value = psnr(fast[p](lr).float(), expected)
                 worst[p] = min(worst[p], value)
                 cells.append(f'{value:.2f}')
-            print(f'| {name} | {diff:.2e} | ' + ' | '.join(cells) + ' |')
+            print(f'| {name} | {diff:.2e} |' + ''.join(f' {cell} |' for cell in cells))
     for p in precisions:
         print(f'\nlowest {p} PSNR against fp32: {worst[p]:.2f} dB (requirement: >= 45 dB)')
 
@@ -211,6 +210,7 @@ def main():
     parser.add_argument('--weights', default=None, help='optional SwinIR-small checkpoint (BasicSR format)')
     parser.add_argument('--compile', action='store_true', help='also wrap FastSwinIR in torch.compile')
     parser.add_argument('--no-train', action='store_true', help='skip the training-iteration benchmark')
+    parser.add_argument('--no-inference', action='store_true', help='skip the accuracy and inference benchmarks')
     parser.add_argument('--psnr-size', type=int, default=64, help='LR size of the photographs for the PSNR check')
     args = parser.parse_args()
     if args.threads:
@@ -228,9 +228,10 @@ def main():
         args.train_precisions = ['fp32'] + (['bf16'] if 'bf16' in args.precisions else [])
         print(f'\n## SwinIR-small (929,628 parameters) on {device}\n')
         print(machine(device))
-        ref, fast = build(args, device)
-        accuracy(ref, fast, device, args.psnr_size)
-        inference(ref, fast, device, args)
+        if not args.no_inference:
+            ref, fast = build(args, device)
+            accuracy(ref, fast, device, args.psnr_size)
+            inference(ref, fast, device, args)
         if not args.no_train:
             training(device, args)
 

@@ -2,6 +2,7 @@
 
     python scripts/benchmark_teacher.py                          # official config and weights
     python scripts/benchmark_teacher.py --random-weights --lr-size 64 --device cpu
+    python scripts/benchmark_teacher.py --random-weights --official-root /path/to/ResShift --precision fp32
 
 Prints a Markdown table: for each precision (fp32 and the reduced ones: bf16 on CPU, fp16 and bf16
 on GPU) and each step count, the median time per image (full ``ResShiftTeacher.sample``: up-sampling,
@@ -9,6 +10,15 @@ encoding, sampling loop, decoding), the mean time of one UNet call, of encoding 
 and the peak memory (GPU allocator, or the process's resident set size on the CPU). Before the timed
 runs of a precision one 1-step image warms up the kernels. ``--random-weights`` runs the official
 architecture with random weights (the timings do not depend on the weights).
+
+``--official-root DIR`` (a checkout of github.com/zsyOAOA/ResShift; never part of this project)
+also builds the official ``UNetModelSwin``, ``VQModelTorch`` and ``create_gaussian_diffusion`` from
+that directory, gives them this teacher's weights (with ``--random-weights``: the seeded
+initialisation, plus small random values in the layers both initialise to zero, so that every layer
+counts) and times the official sampling (``sampler.py: ResShiftSampler.sample_func`` on an LR
+patch: ``p_sample_loop`` with encoding and decoding, then clamping) against ``ResShiftTeacher.sample``
+side by side, alternating, with the same global seed: it prints the median times, the speed-up and
+the largest absolute difference of the two outputs (images in [0, 1]).
 """
 import argparse
 import os
@@ -32,6 +42,140 @@ from dtkd_model.benchmarking import (  # noqa: E402
     prepare_teacher_run,
     sync,
 )
+
+
+def load_official(root):
+    """The official classes from a ResShift checkout: (UNetModelSwin, VQModelTorch, create_gaussian_diffusion)."""
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isfile(os.path.join(root, 'models', 'unet.py')):
+        raise OptionError(f'--official-root: {root} does not look like a ResShift checkout (no models/unet.py)')
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        from ldm.models.autoencoder import VQModelTorch
+        from models.script_util import create_gaussian_diffusion
+        from models.unet import UNetModelSwin
+    return UNetModelSwin, VQModelTorch, create_gaussian_diffusion
+
+
+def perturb_zero_layers(module, seed=0):
+    """Small random values in parameters that are initialised to zero (so they matter in a comparison)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() > 0 and not p.any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+
+
+def build_official(root, opt, teacher):
+    """Official UNet, autoencoder and diffusion with ``teacher``'s weights (state-dict keys are the same)."""
+    unet_cls, vq_cls, make_diffusion = load_official(root)
+    params = {k: v for k, v in opt['unet'].items() if k not in ('type', 'ckpt')}
+    unet = unet_cls(**params)
+    unet.load_state_dict(teacher.unet.state_dict(), strict=True)
+    autoencoder = None
+    if teacher.autoencoder is not None:
+        ae = {k: v for k, v in opt['autoencoder'].items() if k not in ('type', 'ckpt')}
+        autoencoder = vq_cls(**ae)
+        autoencoder.load_state_dict(teacher.autoencoder.state_dict(), strict=True)
+        autoencoder = autoencoder.to(teacher.device).eval()
+    diffusion_opt = dict(opt['diffusion'])
+    diffusion_opt['timestep_respacing'] = teacher.steps if teacher.steps != diffusion_opt['steps'] else None
+    diffusion = make_diffusion(**diffusion_opt)
+    return unet.to(teacher.device).eval(), autoencoder, diffusion
+
+
+def official_sample(unet, autoencoder, diffusion, lq, pad_multiple):
+    """The official ``ResShiftSampler.sample_func`` on one LR patch (no chopping): [0, 1] in and out."""
+    import math
+
+    y0 = (lq - 0.5) / 0.5
+    h, w = y0.shape[-2:]
+    ph, pw = math.ceil(h / pad_multiple) * pad_multiple - h, math.ceil(w / pad_multiple) * pad_multiple - w
+    if ph or pw:
+        y0 = torch.nn.functional.pad(y0, (0, pw, 0, ph), mode='reflect')
+    with torch.no_grad():
+        out = diffusion.p_sample_loop(y=y0, model=unet, first_stage_model=autoencoder, noise=None,
+                                      noise_repeat=False, clip_denoised=autoencoder is None, denoised_fn=None,
+                                      model_kwargs={'lq': y0}, progress=False)
+    sf = diffusion.sf
+    return out[..., :h * sf, :w * sf].clamp_(-1.0, 1.0) * 0.5 + 0.5
+
+
+def psnr(a, b):
+    import math
+
+    mse = torch.mean((a.double() - b.double()) ** 2).item()
+    return float('inf') if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def compare_official(args, opt, teacher, device, size):
+    """Side-by-side timing of the official sampler and ResShiftTeacher (fp32), and their largest difference."""
+    import statistics
+
+    if args.random_weights:
+        perturb_zero_layers(teacher)
+    teacher.set_steps(args.steps[0])
+    teacher.precision = 'fp32'
+    unet, autoencoder, diffusion = build_official(args.official_root, opt, teacher)
+    lq = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0)).to(device)
+    if max(size) > teacher.chop_size:
+        raise OptionError(f'--lr-size: the official comparison samples one patch; use at most {teacher.chop_size}')
+
+    def ours(seed):
+        torch.manual_seed(seed)
+        return teacher.sample(lq)
+
+    def official(seed):
+        torch.manual_seed(seed)
+        return official_sample(unet, autoencoder, diffusion, lq, teacher.pad_multiple)
+
+    runs = {'official': official, 'DTKD': ours}
+    times = {name: [] for name in runs}
+    outputs = {}
+    for r in range(args.repeats + 1):  # round 0 warms up (and is not timed)
+        order = list(runs) if r % 2 == 0 else list(runs)[::-1]
+        for name in order:
+            sync(device)
+            start = time.perf_counter()
+            outputs[name] = runs[name](r)
+            sync(device)
+            if r:
+                times[name].append(time.perf_counter() - start)
+            print(f'  round {r} {name}: {time.perf_counter() - start:.2f} s', file=sys.stderr)
+    diff = (outputs['official'] - outputs['DTKD']).abs().max().item()
+    med = {name: statistics.median(v) for name, v in times.items()}
+    paired = statistics.median(a / b for a, b in zip(times['official'], times['DTKD']))
+    rows = [[name, f'{med[name]:.2f}', f'{med["official"] / med[name]:.2f}x'] for name in runs]
+    extra = ''
+    if args.compare_bf16:
+        teacher.precision = 'bf16'
+        bf = []
+        for _ in range(args.repeats):
+            sync(device)
+            start = time.perf_counter()
+            out16 = ours(1)
+            sync(device)
+            bf.append(time.perf_counter() - start)
+        teacher.precision = 'fp32'
+        ref = ours(1)
+        rows.append(['DTKD bf16 autocast', f'{statistics.median(bf):.2f}',
+                     f'{med["official"] / statistics.median(bf):.2f}x'])
+        extra = f'; DTKD bf16 against DTKD fp32 (same seed): PSNR {psnr(out16.float(), ref):.2f} dB'
+    print(f'\n## ResShift teacher against the official implementation ({args.official_root})\n')
+    print(f'Machine: {machine_description(device)}  ')
+    weights = 'checkpoint weights'
+    if args.random_weights:
+        weights = 'random weights (seeded, zero-initialised layers perturbed)'
+    print(f'LR {size[0]}x{size[1]}, {teacher.steps} steps, batch 1, fp32, {weights}; '
+          f'{args.repeats} timed image(s) each, alternating, after one untimed round.\n')
+    print(markdown_table(['Implementation', 'Per image (s), median', 'Speed-up vs official'], rows))
+    print(f'\nPaired speed-up (median of per-round ratios): {paired:.2f}x; largest |official - DTKD| '
+          f'(fp32, same seed, images in [0, 1]): {diff:.2e}{extra}')
+    return 0
 
 
 class ComponentTimer:
@@ -79,11 +223,20 @@ def main(argv=None):
     add_teacher_run_arguments(parser)
     parser.add_argument('--steps', type=int, nargs='+', default=[15, 1], help='sampling steps to time')
     parser.add_argument('--repeats', type=int, default=1, help='timed images per setting (median reported)')
+    parser.add_argument('--official-root', default=None,
+                        help='ResShift checkout: time the official sampler against this one (first --steps value)')
+    parser.add_argument('--compare-bf16', action='store_true',
+                        help='with --official-root: also time this teacher under bf16 autocast, with its PSNR')
     args = parser.parse_args(argv)
     try:
         if args.repeats < 1 or min(args.steps) < 1:
             raise OptionError('--repeats and --steps must be positive')
         device, precisions, (h, w), teacher = prepare_teacher_run(args)
+        if args.official_root:
+            from dtkd_model.teacher_cache import load_teacher_options
+
+            load_official(args.official_root)  # fails early on a wrong directory
+            return compare_official(args, load_teacher_options(args.opt), teacher, device, (h, w))
     except (OptionError, FileNotFoundError, ValueError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2

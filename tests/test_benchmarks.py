@@ -91,3 +91,17 @@ def test_benchmark_errors(capsys):
     # the tiny option file has no checkpoints: without --random-weights the teacher refuses
     assert script.main(['-opt', TINY, '--device', 'cpu']) == 2
     assert 'unet.ckpt' in capsys.readouterr().err
+    # --official-root must be a ResShift checkout (models/unet.py); the message names the option
+    assert script.main(['-opt', TINY, '--random-weights', '--device', 'cpu', '--official-root', str(REPO)]) == 2
+    assert '--official-root' in capsys.readouterr().err
+
+
+def test_perturb_zero_layers_fills_only_zero_parameters():
+    script = load_script('benchmark_teacher')
+    net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.Conv2d(3, 3, 1))
+    nn.init.zeros_(net[1].weight)
+    nn.init.zeros_(net[1].bias)
+    before = net[0].weight.detach().clone()
+    script.perturb_zero_layers(net)
+    assert torch.equal(net[0].weight, before)
+    assert net[1].weight.abs().min() > 0 and net[1].bias.abs().min() > 0
