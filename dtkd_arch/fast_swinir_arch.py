@@ -218,7 +218,7 @@ def _permute_rows(x, order, inverse):
     return x.index_select(0, order)
 
 
-_BACKWARD_CHUNK = 1 << 20  # elements of one (windows, heads, N, N) buffer in the attention backward
+_BACKWARD_CHUNK = 1 << 24  # largest (windows, heads, N, N) buffer of the attention backward, in elements
 _FLASH_CPU = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
 
 
@@ -298,7 +298,7 @@ class _WindowAttentionFunction(torch.autograd.Function):
                 if patterns is not None:
                     mask = torch.where(patterns[g] < 0, neg_inf, bias)
                 masks[g] = mask.unsqueeze(0)
-            # Chunks of windows small enough for the (chunk, heads, N, N) buffers to stay in cache.
+            # Few, large chunks: fewer (OpenMP-parallel) operations; the chunk size only bounds memory.
             step = max(1, _BACKWARD_CHUNK // (heads * n * n))
             for w0 in range(start // n, stop // n, step):
                 w1 = min(w0 + step, stop // n)
