@@ -1,4 +1,5 @@
-"""Make basicsr 1.4.2 importable with current torchvision, and share package auto-discovery.
+"""Make basicsr 1.4.2 importable with current torchvision; share package auto-discovery, the
+user-error type and atomic file writes.
 
 Every DTKD package imports this module before anything from ``basicsr``.
 
@@ -42,6 +43,34 @@ def import_modules(package_name, package_file, suffix):
     folder = os.path.dirname(os.path.abspath(package_file))
     names = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(suffix + '.py'))
     return [importlib.import_module(f'{package_name}.{name}') for name in names]
+
+
+def atomic_write(path, data, fsync=True, tmp_prefix='.', tmp_suffix=None):
+    """Write ``path`` so that it is at every moment either the old file or the complete new one.
+
+    ``data`` is bytes, a str (written as UTF-8) or a callable that writes into the binary file object
+    it gets (``lambda f: torch.save(obj, f)``). It goes to ``<tmp_prefix><name><tmp_suffix>`` in the
+    same folder (suffix default ``.<pid>.tmp``), is flushed (and fsynced unless ``fsync`` is false) and
+    renamed over ``path``; on any error the temporary file is removed. Missing folders are created.
+    """
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f'{tmp_prefix}{name}{f".{os.getpid()}.tmp" if tmp_suffix is None else tmp_suffix}')
+    try:
+        with open(tmp, 'wb') as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode('utf-8') if isinstance(data, str) else data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class OptionError(ValueError):

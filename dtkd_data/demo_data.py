@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 from basicsr.utils.matlab_functions import imresize
 
+from dtkd_compat import atomic_write
 from dtkd_data.lmdb_tools import LmdbWriter, subimage_windows
 
 TRAIN_PHOTOS = ('astronaut', 'rocket', 'motorcycle_left', 'motorcycle_right', 'hubble_deep_field',
@@ -225,9 +226,6 @@ def build_demo_dataset(root='datasets/demo', scale=4, preset='full', train_photo
             log(f'  test   {name:22s} GT {gt.shape[0]}x{gt.shape[1]}, LQ {lq.shape[0]}x{lq.shape[1]}')
 
     manifest = {'params': params, 'files': _file_sizes(root)}
-    tmp = paths['manifest'] + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, paths['manifest'])
+    atomic_write(paths['manifest'], json.dumps(manifest, indent=2))
     log(f'Done: {root}')
     return paths

@@ -9,6 +9,8 @@ import cv2
 import numpy as np
 import torch
 
+from dtkd_compat import atomic_write
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 
 
@@ -136,16 +138,10 @@ def compute_band_discrepancy(teacher_dir, student_dirs, level=2, wavelet='haar',
 def _save_figure(fig, out_path, dpi):
     """Save as PNG through a temporary file, so an existing figure is replaced only when complete."""
     plt = _matplotlib()
-    folder = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(out_path)}.{os.getpid()}.tmp.png')
     try:
-        fig.savefig(tmp, dpi=dpi, format='png', bbox_inches='tight')
-        os.replace(tmp, out_path)
+        atomic_write(out_path, lambda f: fig.savefig(f, dpi=dpi, format='png', bbox_inches='tight'), fsync=False)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return out_path
 
 

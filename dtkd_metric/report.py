@@ -10,7 +10,8 @@ import io
 import json
 import math
 import os
-import tempfile
+
+from dtkd_compat import atomic_write
 
 # Column order and direction of the usual metrics, keyed by the lower-cased metric name as used
 # under ``val.metrics``. Others follow in the order first seen; their direction comes from the
@@ -25,27 +26,6 @@ KNOWN_METRICS = {
     'niqe': ('NIQE', 'lower', 3),
 }
 ARROWS = {'higher': '↑', 'lower': '↓'}
-
-
-def _atomic_write_text(path, text):
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename.
-
-    A reader (or a crash) never sees a half-written file; an older complete file stays until the
-    new one is complete.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def order_metrics(names):
@@ -162,12 +142,12 @@ class ResultsRecorder:
         paths = {'csv': {}}
         for dataset in self._records:
             path = os.path.join(self.results_root, f'{dataset}_metrics.csv')
-            _atomic_write_text(path, self.csv_text(dataset))
+            atomic_write(path, self.csv_text(dataset))
             paths['csv'][dataset] = path
         paths['json'] = os.path.join(self.results_root, 'summary.json')
-        _atomic_write_text(paths['json'], json.dumps(self.summary(), indent=2) + '\n')
+        atomic_write(paths['json'], json.dumps(self.summary(), indent=2) + '\n')
         paths['markdown'] = os.path.join(self.results_root, 'summary.md')
-        _atomic_write_text(paths['markdown'], self.markdown())
+        atomic_write(paths['markdown'], self.markdown())
         return paths
 
 
@@ -251,5 +231,5 @@ def aggregate_markdown(aggregate, model_label=None, kd_label=None, better=None):
 def write_aggregate(aggregate, out_json, out_md, run_paths=None, model_label=None, kd_label=None, better=None):
     """Write the aggregate as JSON and Markdown (atomically)."""
     payload = {'std': 'sample standard deviation (ddof=1)', 'runs': list(run_paths or []), 'results': aggregate}
-    _atomic_write_text(out_json, json.dumps(payload, indent=2) + '\n')
-    _atomic_write_text(out_md, aggregate_markdown(aggregate, model_label, kd_label, better))
+    atomic_write(out_json, json.dumps(payload, indent=2) + '\n')
+    atomic_write(out_md, aggregate_markdown(aggregate, model_label, kd_label, better))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dtkd_compat import OptionError
+from dtkd_compat import OptionError, atomic_write
 from dtkd_model.tiling import forward_padded, tiled_forward
 
 # The paper's student, SwinIR-small x4 (options/train_dtkd.yml, network_g): what --model alone assumes.
@@ -402,17 +402,9 @@ def encode(img, ext):
 
 def write_atomic(path, data):
     """Write bytes to ``path`` through a hidden temporary file in the same folder and a rename."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
     try:
-        with open(tmp, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, data)
     except OSError as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise ImageError(f"cannot write '{path}': {err.strerror or err}") from None
 
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from basicsr.utils import get_root_logger
 from basicsr.utils.dist_util import master_only
 
-from dtkd_compat import OptionError
+from dtkd_compat import OptionError, atomic_write
 
 DEFAULT_MAX_NONFINITE_STEPS = 5
 
@@ -53,20 +53,8 @@ def atomic_torch_save(obj, path):
     ``path``. A process killed during the write leaves ``path`` untouched (and at most the temporary
     file, which the next save of the same name replaces).
     """
-    path = os.fspath(path)
-    directory = osp.dirname(osp.abspath(path))
-    tmp = osp.join(directory, f'.{osp.basename(path)}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _fsync_dir(directory)
+    atomic_write(path, lambda f: torch.save(obj, f), tmp_suffix='.tmp')
+    _fsync_dir(osp.dirname(osp.abspath(path)))
 
 
 def atomic_imwrite(img, path):
@@ -75,20 +63,10 @@ def atomic_imwrite(img, path):
     import cv2
 
     path = os.fspath(path)
-    directory = osp.dirname(osp.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     ok, buf = cv2.imencode(osp.splitext(path)[1] or '.png', img)
     if not ok:
         raise OSError(f'Failed in writing images: {path}')
-    tmp = osp.join(directory, f'.{osp.basename(path)}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(buf.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    atomic_write(path, buf.tobytes(), fsync=False, tmp_suffix='.tmp')
 
 
 def nonfinite_entries(tree, prefix=''):

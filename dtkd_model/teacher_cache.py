@@ -38,7 +38,7 @@ import lmdb
 import numpy as np
 import torch
 
-from dtkd_compat import OptionError
+from dtkd_compat import OptionError, atomic_write
 from dtkd_data.lmdb_tools import (
     LmdbFormatError,
     check_key,
@@ -332,15 +332,6 @@ def cache_settings(opt, seed):
     }
 
 
-def _atomic_write(path, data):
-    tmp = osp.join(osp.dirname(path), f'{_TMP_PREFIX}{osp.basename(path)}.{os.getpid()}')
-    with open(tmp, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _settings_differ(old, new):
     keys = ('format', 'seed', 'png_compress_level', 'teacher_options_sha256', 'checkpoints_sha256')
     return [k for k in keys if old.get(k) != new.get(k)]
@@ -373,7 +364,7 @@ class FolderOutput:
 
     def put_many(self, items):
         for key, png in items:
-            _atomic_write(osp.join(self.path, f'{key}.png'), png)
+            atomic_write(osp.join(self.path, f'{key}.png'), png, tmp_prefix=_TMP_PREFIX)
 
     def finalize(self, keys):
         missing = sorted(set(keys) - self.done_keys())
@@ -440,7 +431,7 @@ class LmdbOutput:
         if missing:
             raise RuntimeError(f'{self.path}: {len(missing)} teacher images missing after the run: {listing(missing)}')
         self.env.sync(True)
-        _atomic_write(osp.join(self.path, 'meta_info.txt'), ''.join(lines).encode('ascii'))
+        atomic_write(osp.join(self.path, 'meta_info.txt'), ''.join(lines).encode('ascii'), tmp_prefix=_TMP_PREFIX)
 
     def close(self):
         if self.env is not None:
@@ -482,7 +473,7 @@ def check_or_init_output(output, settings, overwrite=False):
             output.prepare()
             return 'resume'
     output.prepare()
-    _atomic_write(record_path, json.dumps(settings, indent=2, sort_keys=True).encode('utf-8'))
+    atomic_write(record_path, json.dumps(settings, indent=2, sort_keys=True).encode('utf-8'), tmp_prefix=_TMP_PREFIX)
     return 'new'
 
 

@@ -18,6 +18,7 @@ import dtkd_arch  # noqa: E402,F401  (makes basicsr importable)
 import torch  # noqa: E402
 
 from dtkd_arch.checkpoint import safe_torch_load  # noqa: E402
+from dtkd_compat import atomic_write  # noqa: E402
 
 
 def main(argv=None):
@@ -35,10 +36,7 @@ def main(argv=None):
         print(f'export_weights: error: {args.checkpoint} has no {args.key!r} entry (it has: {keys})', file=sys.stderr)
         return 2
     weights = {k: v.detach().clone().contiguous() for k, v in state[args.key].items()}
-    tmp = args.output + '.tmp'
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    torch.save(weights, tmp)
-    os.replace(tmp, args.output)
+    atomic_write(args.output, lambda f: torch.save(weights, f))
     n = sum(v.numel() for v in weights.values() if v.is_floating_point())
     size = os.path.getsize(args.output) / 2**20
     print(f'wrote {args.output}: {len(weights)} tensors, {n:,} parameters ({size:.1f} MiB)')

@@ -18,8 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dtkd_compat import atomic_write  # noqa: E402
 from dtkd_metric.figures import compute_band_discrepancy, plot_band_discrepancy  # noqa: E402
-from dtkd_metric.report import _atomic_write_text  # noqa: E402
 
 
 def parse_labelled(values, option):
@@ -53,7 +53,7 @@ def main(argv=None):
                                           strip_suffixes=args.strip_suffix)
         plot_band_discrepancy(result, args.out, max_images=args.max_images, title=args.title)
         numbers = os.path.splitext(args.out)[0] + '.json'
-        _atomic_write_text(numbers, json.dumps(result, indent=2) + '\n')
+        atomic_write(numbers, json.dumps(result, indent=2) + '\n')
     except (ValueError, FileNotFoundError) as error:
         print(f'plot_band_discrepancy: error: {error}', file=sys.stderr)
         return 2

@@ -105,10 +105,9 @@ class Stages:
         self.records[name] = {'key': key, 'finished': time.strftime('%Y-%m-%d %H:%M:%S')}
         self.times[name] = seconds
         self.reused[name] = reused
-        tmp = self.path + '.tmp'
-        with open(tmp, 'w', encoding='utf-8') as f:
-            json.dump(self.records, f, indent=2)
-        os.replace(tmp, self.path)
+        from dtkd_compat import atomic_write
+
+        atomic_write(self.path, json.dumps(self.records, indent=2))
 
     def forget(self, name):
         self.records.pop(name, None)
@@ -421,6 +420,7 @@ def torch_cuda():
 
 
 def write_report(report_dir, runs, summaries, stages, args, teacher_file, precision, total):
+    from dtkd_compat import atomic_write
     from dtkd_metric.report import metric_header, order_metrics
 
     labels = {'demo_eval_teacher': ('Teacher: ' + ('ResShift (demo, 15 steps)' if teacher_file.endswith(DEMO_TEACHER)
@@ -457,11 +457,7 @@ def write_report(report_dir, runs, summaries, stages, args, teacher_file, precis
     for stage, sec in stages.times.items():
         lines.append(f'| {stage} | {sec:.1f} | {"reused from an earlier run" if stages.reused.get(stage) else ""} |')
     lines += [f'| total | {total:.1f} | |', '', f'Machine: {machine()}.', '']
-    path = os.path.join(report_dir, 'report.md')
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write('\n'.join(lines))
-    os.replace(tmp, path)
+    atomic_write(os.path.join(report_dir, 'report.md'), '\n'.join(lines))
     print('\n'.join(lines))
 
 

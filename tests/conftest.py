@@ -108,6 +108,16 @@ def write_yaml(path, opt):
     return str(path)
 
 
+def read_keys(name):
+    """[(key, shape)] from a ``tests/data`` key list (one ``key<TAB>(d0, d1, ...)`` per line)."""
+    rows = []
+    with open(os.path.join(REPO, 'tests', 'data', name)) as f:
+        for line in f:
+            key, shape = line.rstrip('\n').split('\t')
+            rows.append((key, tuple(int(s) for s in shape.strip('()').split(',') if s.strip())))
+    return rows
+
+
 def run_cli(args, cwd, env_extra=None, timeout=300):
     """Run a command with the repository importable; returns the CompletedProcess (text)."""
     env = dict(os.environ)

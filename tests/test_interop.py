@@ -20,7 +20,7 @@ import pytest
 import torch
 from basicsr.archs.swinir_arch import SwinIR
 
-from conftest import TINY_STUDENT
+from conftest import TINY_STUDENT, read_keys
 from dtkd_arch.fast_swinir_arch import FastSwinIR
 from dtkd_model.infer import PAPER_STUDENT
 
@@ -29,15 +29,6 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
 def params(config):
     return {k: v for k, v in config.items() if k != 'type'}
-
-
-def read_keys(name):
-    rows = []
-    with open(os.path.join(DATA, name)) as f:
-        for line in f:
-            key, shape = line.rstrip('\n').split('\t')
-            rows.append((key, tuple(int(s) for s in shape.strip('()').split(',') if s.strip())))
-    return rows
 
 
 @pytest.fixture(scope='module')

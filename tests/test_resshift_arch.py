@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import dtkd_arch  # noqa: F401  (registers the architectures)
+from conftest import read_keys
 from dtkd_arch.resshift_swin import shift_window_mask
 from dtkd_arch.resshift_unet_arch import ResShiftUNet
 from dtkd_arch.vq_autoencoder_arch import VQAutoencoder
@@ -90,15 +91,6 @@ def reference_weights(keys_shapes, buffers, seed):
             value = 0.1 * u
         out[key] = torch.from_numpy(value.astype(np.float32))
     return out
-
-
-def read_keys(name):
-    rows = []
-    with open(os.path.join(DATA, name)) as f:
-        for line in f:
-            key, shape = line.rstrip('\n').split('\t')
-            rows.append((key, tuple(int(s) for s in shape.strip('()').split(',') if s.strip())))
-    return rows
 
 
 @pytest.fixture(scope='module')
