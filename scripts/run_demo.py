@@ -98,19 +98,27 @@ class Stages:
         self.reused = {}
 
     def valid(self, name, key, outputs):
-        rec = self.records.get(name)
-        return bool(rec) and rec.get('key') == key and all(os.path.exists(p) for p in outputs)
+        rec = self.records.get(name) or {}
+        return rec.get('key') == key and 'finished' in rec and all(os.path.exists(p) for p in outputs)
+
+    def started_with(self, name):
+        """The inputs key a stage was last started (or finished) with, or None."""
+        return (self.records.get(name) or {}).get('key')
+
+    def start(self, name, key):
+        self.records[name] = {'key': key}
+        self._write()
 
     def done(self, name, key, seconds, reused):
         self.records[name] = {'key': key, 'finished': time.strftime('%Y-%m-%d %H:%M:%S')}
         self.times[name] = seconds
         self.reused[name] = reused
+        self._write()
+
+    def _write(self):
         from dtkd_compat import atomic_write
 
         atomic_write(self.path, json.dumps(self.records, indent=2))
-
-    def forget(self, name):
-        self.records.pop(name, None)
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -119,7 +127,7 @@ def teacher_test_options(teacher_opt, teacher_file, data, name, device_gpu):
     unet = dict(teacher_opt['unet'])
     ckpt = unet.pop('ckpt')
     sampler = teacher_opt.get('sampler') or {}
-    label = 'ResShift (demo)' if os.path.abspath(teacher_file) == os.path.join(REPO, DEMO_TEACHER) else 'ResShift'
+    label = 'ResShift (demo)' if is_demo_teacher(teacher_file) else 'ResShift'
     val = {'save_img': True, 'suffix': 'sr', 'pbar': True, 'model_label': f'{label}, teacher',
            'kd_label': '-', 'steps': sampler.get('steps'), 'seed': 0}
     for key in ('pad_multiple', 'chop_size', 'chop_stride'):
@@ -133,6 +141,10 @@ def teacher_test_options(teacher_opt, teacher_file, data, name, device_gpu):
         'path': {'pretrain_network_g': resolve(ckpt), 'param_key_g': 'params_ema', 'strict_load_g': True},
         'val': dict(val, metrics=test_metrics(data)),
     }
+
+
+def is_demo_teacher(teacher_file):
+    return os.path.abspath(teacher_file) == os.path.join(REPO, DEMO_TEACHER)
 
 
 def resolve(path):
@@ -335,16 +347,11 @@ def main(argv=None):
             print(f'reusing {ckpt}')
             stages.done(f'train_{name}', key, time.time() - t0, True)
             continue
-        if stages.records.get(f'train_{name}', {}).get('key') != key and os.path.isdir(exp):
-            # made from other options or another teacher (or interrupted and then changed): start again;
-            # an interrupted run with the same options resumes (--auto_resume)
-            pending = os.path.join(report_dir, f'pending_{name}.json')
-            same = os.path.isfile(pending) and json.load(open(pending, encoding='utf-8')).get('key') == key
-            if not same:
-                shutil.rmtree(exp)
-        stages.forget(f'train_{name}')
-        with open(os.path.join(report_dir, f'pending_{name}.json'), 'w', encoding='utf-8') as f:
-            json.dump({'key': key}, f)
+        if stages.started_with(f'train_{name}') != key and os.path.isdir(exp):
+            # made from other options or another teacher: start again; an interrupted run started
+            # with the same options resumes (--auto_resume)
+            shutil.rmtree(exp)
+        stages.start(f'train_{name}', key)
         yml = dump(opt, os.path.join(work, 'options_demo', f'{name}.yml'))
         run([py, '-m', 'dtkd_model.train', '-opt', yml, '--auto_resume'], env=env)
         if not os.path.isfile(ckpt):
@@ -373,7 +380,7 @@ def main(argv=None):
             print(f'reusing {summary}')
             stages.done(f'eval_{run_name}', key, time.time() - t0, True)
         else:
-            stages.forget(f'eval_{run_name}')
+            stages.start(f'eval_{run_name}', key)
             if os.path.isdir(res):
                 shutil.rmtree(res)
             yml = dump(opt, os.path.join(work, 'options_demo', f'{run_name}.yml'))
@@ -423,7 +430,7 @@ def write_report(report_dir, runs, summaries, stages, args, teacher_file, precis
     from dtkd_compat import atomic_write
     from dtkd_metric.report import metric_header, order_metrics
 
-    labels = {'demo_eval_teacher': ('Teacher: ' + ('ResShift (demo, 15 steps)' if teacher_file.endswith(DEMO_TEACHER)
+    labels = {'demo_eval_teacher': ('Teacher: ' + ('ResShift (demo, 15 steps)' if is_demo_teacher(teacher_file)
                                                     else 'ResShift (15 steps)'), '-')}
     for (run_name, _), (_, _, model, kd) in zip(runs[1:], STUDENTS):
         labels[run_name] = (model, kd)
