@@ -12,21 +12,25 @@ What is different is only how the numbers are moved around:
   operation of a Swin block except attention is per token, so the order does not matter to them;
   going from a regular to a shifted block is a single row gather (the cyclic roll and the window
   partition in one step) instead of roll, partition, head split, merge, reverse and roll back.
-- q, k and v are strided views of the fused qkv projection; attention runs in
-  ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels on CPU and GPU), whose output
-  is already laid out as ``(tokens, C)`` for the output projection.
+- Attention on the CPU (``window_attention_cpu``) runs over chunks of windows small enough for
+  their scores to stay in a core's cache, with every matrix product arranged so that its output
+  has N = window_size^2 columns rather than the head dimension (10 for the paper's student): the
+  value product is computed as ``O^T = v^T P^T``. This is several times faster than both the plain
+  ``P v`` and torch's fused CPU attention kernel, whose tiles suit long sequences. On GPUs
+  attention runs in ``scaled_dot_product_attention``.
 - The relative position bias and the shift mask are folded into one additive mask per head. The
   windows of a shifted block are ordered as interior, last window row, last window column, corner:
   each of these four groups shares one shift pattern, so each group needs only one
   ``(heads, N, N)`` mask whatever the image size. Without gradients the folded masks are cached
   and rebuilt when the bias table changes (its ``_version`` or storage changes, e.g. after an
-  optimizer step or ``load_state_dict``). With gradients for the bias table (training) on the
-  CPU in fp32, attention is a custom autograd function (``_WindowAttentionFunction``): the fused
-  kernel forward, and a backward that recomputes the probabilities from the kernel's log-sum-exp
-  and returns the gradient of the folded mask (which autograd's fused kernels do not give) as the
-  sum of the score gradients over windows and images. Elsewhere (GPU, reduced precision, attention
-  dropout) attention is computed explicitly in one batched computation per block: the
-  windows-then-images order lets one ``(windows, heads, N, N)`` mask broadcast over the batch.
+  optimizer step or ``load_state_dict``). Tokens of different regions of a shifted window get
+  -inf rather than BasicSR's -100 (weights of exactly 0 instead of about 1e-44, denormal floats).
+- Training on the CPU in fp32 uses a custom autograd function (``_WindowAttentionFunction``) whose
+  backward returns the gradient of the folded masks (the sum of the score gradients over windows
+  and images), which torch's fused kernels do not give; it keeps the probabilities, as autograd
+  does for BasicSR's attention. Elsewhere (GPU, reduced precision, attention dropout) attention
+  with gradients for the bias tables is computed explicitly in one batched computation per block:
+  the windows-then-images order lets one ``(windows, heads, N, N)`` mask broadcast over the batch.
 - Gathers between token orders are permutations: their backward is the inverse gather rather than
   autograd's scatter-add; stochastic depth and the residual sum are one ``addcmul``.
 - ``use_checkpoint=True`` checkpoints each block (BasicSR's version of this option fails).
@@ -85,14 +89,16 @@ def _add_drop_path(x, y, drop_prob, training, batch, tokens_per_window):
     return out.view(-1, c)
 
 
-def shift_patterns(window_size, shift_size):
-    """The four shift masks of a shifted-window block, (4, N, N) float32 with 0 / -100 entries.
+def shift_patterns(window_size, shift_size, value=float('-inf')):
+    """The four shift masks of a shifted-window block, (4, N, N) float32 with entries 0 or ``value``.
 
     Index 0: interior windows (all zero), 1: windows of the last window row (not the corner), 2: windows
     of the last window column (not the corner), 3: the corner window. With the cyclic shift, the last
     window row holds ``window_size - shift_size`` rows of one image region and ``shift_size`` rows of
     another; tokens of different regions must not attend to each other (Liu et al., Swin Transformer,
-    ICCV 2021, section 3.2).
+    ICCV 2021, section 3.2). BasicSR adds -100 there, which leaves weights of about 1e-44 (denormal
+    floats, slow on CPUs); the default -inf makes them exact zeros, a difference far below float
+    rounding of the outputs.
     """
     ws, s = window_size, shift_size
     r = torch.arange(ws)
@@ -104,7 +110,7 @@ def shift_patterns(window_size, shift_size):
     for rid, cid in zip(row_ids, col_ids):
         region = (rid[:, None] * 3 + cid[None, :]).reshape(-1)
         diff = region[:, None] != region[None, :]
-        out.append(torch.where(diff, torch.tensor(_SHIFT_MASK_VALUE), torch.tensor(0.0)))
+        out.append(torch.where(diff, torch.tensor(float(value)), torch.tensor(0.0)))
     return torch.stack(out)
 
 
@@ -218,105 +224,110 @@ def _permute_rows(x, order, inverse):
     return x.index_select(0, order)
 
 
-_BACKWARD_CHUNK = 1 << 24  # largest (windows, heads, N, N) buffer of the attention backward, in elements
-_FLASH_CPU = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
+_CHUNK_ELEMENTS = 1 << 19  # attention scores per chunk of windows (2 MiB in fp32: they stay in a core's cache)
+
+
+def _chunk_windows(heads, n):
+    return max(1, _CHUNK_ELEMENTS // (heads * n * n))
+
+
+def _transposed_qkv(qkv, w0, w1, n, heads, d):
+    """q, k and v of windows ``w0:w1`` as one contiguous (3, windows * heads, d, N) copy (d x N each)."""
+    w = w1 - w0
+    return qkv[w0 * n:w1 * n].view(w, n, 3, heads, d).permute(2, 0, 3, 4, 1).contiguous().view(3, w * heads, d, n)
+
+
+def _chunk_probabilities(q_t, k_t, mask, windows, heads, n, out=None):
+    """softmax(q k^T + mask) for one chunk, (windows * heads, N, N); q_t is already scaled."""
+    s = torch.bmm(q_t.transpose(1, 2), k_t, out=out)
+    s.view(windows, heads, n, n).add_(mask)
+    return torch.softmax(s, -1, out=s)
+
+
+def window_attention_cpu(qkv, masks, groups, n, heads, scale, keep_probabilities=False):
+    """Window attention on the CPU without autograd: ``softmax(q k^T scale + mask) v`` for every window.
+
+    qkv: (T, 3C) window-ordered output of the qkv projection; masks: (patterns, heads, N, N) additive
+    masks (bias plus shift pattern); groups: [(start_row, stop_row, pattern)]. Returns (T, C), and with
+    ``keep_probabilities`` also the attention probabilities (windows * heads, N, N).
+
+    Windows are processed in chunks whose scores fit in a core's cache, and every product is laid
+    out so that its output has N (not the head dimension d, typically 10 to 32) columns: the value
+    product is computed as ``O^T = v^T P^T``. For small d this is several times faster than both
+    ``P v`` and the fused CPU attention kernel, whose tiles are sized for long sequences.
+    """
+    t, c3 = qkv.shape
+    c = c3 // 3
+    d = c // heads
+    out = qkv.new_empty(t // n, n, heads, d)
+    probs = qkv.new_empty(t // n * heads, n, n) if keep_probabilities else None
+    step = _chunk_windows(heads, n)
+    for start, stop, g in groups:
+        for w0 in range(start // n, stop // n, step):
+            w1 = min(w0 + step, stop // n)
+            w = w1 - w0
+            q_t, k_t, v_t = _transposed_qkv(qkv, w0, w1, n, heads, d).unbind(0)
+            q_t.mul_(scale)
+            p = _chunk_probabilities(q_t, k_t, masks[g], w, heads, n,
+                                     out=None if probs is None else probs[w0 * heads:w1 * heads])
+            o_t = torch.bmm(v_t, p.transpose(1, 2))  # (windows * heads, d, N)
+            out[w0:w1].copy_(o_t.view(w, heads, d, n).permute(0, 3, 1, 2))
+    out = out.view(t, c)
+    return (out, probs) if keep_probabilities else out
 
 
 class _WindowAttentionFunction(torch.autograd.Function):
-    """Window attention with gradients for the relative position bias, on the CPU in fp32.
+    """``window_attention_cpu`` with autograd, including the gradient of the additive masks.
 
-    Forward: the fused (flash) CPU kernel of ``scaled_dot_product_attention`` on each group of
-    windows that shares one folded mask, keeping the row log-sum-exp ``lse`` it returns.
-    Backward (as flash attention's, Dao et al. 2022, plus the mask gradient): the probabilities are
-    recomputed in one matrix product as ``P = exp(q k^T scale - lse + mask)`` (``-lse`` rides along
-    as an extra column of q, with a column of ones in k), ``dS = P * (dO v^T - rowsum(dO * O))``
-    (the row sum again as an extra column), and the gradient of the additive mask, shared by all
-    windows and images, is the sum of ``dS`` over them. Everything is done in place on one
-    ``(windows, heads, N, N)`` buffer per group, and no probabilities are stored between forward
-    and backward. Probabilities that BasicSR weighs by ``exp(-100)`` (about 1e-44, between regions
-    of a shifted window) are recomputed as exact zeros, which avoids slow denormal arithmetic and
-    changes nothing representable in the gradients.
+    The gradient of the masks (hence of the relative position bias tables) is the sum over windows and
+    images of the score gradients ``dS``; torch's fused attention kernels do not return it. Forward
+    as ``window_attention_cpu``; nothing but the inputs is kept for the backward, which recomputes
+    each chunk's probabilities ``P`` (one small product and a softmax, in cache) and then computes
+    ``dV^T = dO^T P``, ``dP = dO v^T``, ``dS = P * (dP - rowsum(P * dP))``, ``dQ^T = k^T dS^T``
+    and ``dK^T = q^T dS``, all with N output columns (see ``window_attention_cpu``).
 
-    Args of ``apply``: qkv (T, 3C) window-ordered qkv projection, bias (heads, N, N) relative
-    position bias (differentiable), patterns (4, N, N) shift patterns or None, groups
+    Args of ``apply``: qkv (T, 3C), masks (patterns, heads, N, N) (may require gradients), groups
     [(start_row, stop_row, pattern)], tokens per window N, heads, scale. Returns (T, C).
     """
 
     @staticmethod
-    def forward(ctx, qkv, bias, patterns, groups, n, heads, scale):
-        c = qkv.shape[1] // 3
-        d = c // heads
-        outs, lses = [], []
-        masks = {}
-        for start, stop, g in groups:
-            if g not in masks:
-                mask = bias if patterns is None else bias + patterns[g]
-                masks[g] = mask.unsqueeze(0).contiguous()
-            q, k, v = qkv[start:stop].view(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
-            out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=masks[g], scale=scale)
-            outs.append(out.transpose(1, 2).reshape(-1, c))  # (windows, N, heads, d) in memory: a view
-            lses.append(lse)
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        lse = lses[0] if len(lses) == 1 else torch.cat(lses)
-        ctx.save_for_backward(qkv, out, lse, bias, patterns)
+    def forward(ctx, qkv, masks, groups, n, heads, scale):
+        out, probs = window_attention_cpu(qkv, masks, groups, n, heads, scale, keep_probabilities=True)
+        ctx.save_for_backward(qkv, probs)
         ctx.groups, ctx.n, ctx.heads, ctx.scale = groups, n, heads, scale
+        ctx.mask_grad = ctx.needs_input_grad[1]
+        ctx.mask_shape = masks.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        qkv, out, lse, bias, patterns = ctx.saved_tensors
+        qkv, probs = ctx.saved_tensors
         groups, n, heads, scale = ctx.groups, ctx.n, ctx.heads, ctx.scale
         t, c3 = qkv.shape
         c = c3 // 3
         d = c // heads
-        windows = t // n
-        grad_out = grad_out.contiguous()
-        q, k, v = qkv.view(windows, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # (W, heads, N, d) views
-        go = grad_out.view(windows, n, heads, d).transpose(1, 2)
-        # Augmented operands: [q * scale, -lse] . [k, 1] = scaled scores - lse;
-        # [dO, -rowsum(dO * O)] . [v, 1] = dP - rowsum(dO * O).
-        qa = qkv.new_empty(windows, heads, n, d + 1)
-        torch.mul(q, scale, out=qa[..., :d])
-        qa[..., d] = lse.view(windows, heads, n).neg()
-        ka = qkv.new_empty(windows, heads, n, d + 1)
-        ka[..., :d] = k
-        ka[..., d] = 1
-        ga = qkv.new_empty(windows, heads, n, d + 1)
-        ga[..., :d] = go
-        ga[..., d] = (grad_out * out).view(windows, n, heads, d).sum(-1).transpose(1, 2).neg()
-        va = qkv.new_empty(windows, heads, n, d + 1)
-        va[..., :d] = v
-        va[..., d] = 1
-        ks = k * scale
-        grad_qkv = qkv.new_empty(windows, n, 3, heads, d)
-        grad_bias = torch.zeros_like(bias) if ctx.needs_input_grad[1] else None
-        neg_inf = torch.tensor(float('-inf'), dtype=qkv.dtype, device=qkv.device)
-        masks = {}
+        grad_qkv = qkv.new_empty(t // n, n, 3, heads, d)
+        grad_masks = qkv.new_zeros(ctx.mask_shape) if ctx.mask_grad else None
+        grad_out = grad_out.view(t // n, n, heads, d)
+        step = _chunk_windows(heads, n)
         for start, stop, g in groups:
-            if g not in masks:
-                mask = bias
-                if patterns is not None:
-                    mask = torch.where(patterns[g] < 0, neg_inf, bias)
-                masks[g] = mask.unsqueeze(0)
-            # Few, large chunks: fewer (OpenMP-parallel) operations; the chunk size only bounds memory.
-            step = max(1, _BACKWARD_CHUNK // (heads * n * n))
             for w0 in range(start // n, stop // n, step):
                 w1 = min(w0 + step, stop // n)
-                rows = (w1 - w0) * heads
-                p = torch.bmm(qa[w0:w1].view(rows, n, d + 1), ka[w0:w1].view(rows, n, d + 1).transpose(1, 2))
-                p = p.view(w1 - w0, heads, n, n).add_(masks[g]).exp_()
-                ds = torch.bmm(ga[w0:w1].view(rows, n, d + 1), va[w0:w1].view(rows, n, d + 1).transpose(1, 2))
-                ds = ds.view(w1 - w0, heads, n, n).mul_(p)
-                if grad_bias is not None:
-                    grad_bias += ds.sum(0)
-                p, ds = p.view(rows, n, n), ds.view(rows, n, n)
-                gq = grad_qkv[w0:w1].permute(2, 0, 3, 1, 4)  # (3, w, heads, N, d) views
-                gq[0].copy_(torch.bmm(ds, ks[w0:w1].reshape(rows, n, d)).view(w1 - w0, heads, n, d))
-                gq[1].copy_(torch.bmm(ds.transpose(1, 2), qa[w0:w1, ..., :d].reshape(rows, n, d))
-                            .view(w1 - w0, heads, n, d))
-                gq[2].copy_(torch.bmm(p.transpose(1, 2), ga[w0:w1, ..., :d].reshape(rows, n, d))
-                            .view(w1 - w0, heads, n, d))
-        return grad_qkv.view(t, c3), grad_bias, None, None, None, None, None
+                w = w1 - w0
+                q_t, k_t, v_t = _transposed_qkv(qkv, w0, w1, n, heads, d).unbind(0)
+                q_t.mul_(scale)
+                p = probs[w0 * heads:w1 * heads]
+                go_t = grad_out[w0:w1].permute(0, 2, 3, 1).reshape(w * heads, d, n)
+                grads = qkv.new_empty(3, w * heads, d, n)
+                torch.bmm(go_t, p, out=grads[2])  # dV^T
+                ds = torch.bmm(go_t.transpose(1, 2), v_t)  # dP
+                ds = torch._softmax_backward_data(ds, p, -1, p.dtype)  # dS = P * (dP - rowsum(P * dP))
+                if grad_masks is not None:
+                    grad_masks[g] += ds.view(w, heads, n, n).sum(0)
+                torch.bmm(k_t, ds.transpose(1, 2), out=grads[0]).mul_(scale)  # dQ^T
+                torch.bmm(q_t, ds, out=grads[1])  # dK^T (q_t holds q * scale)
+                grad_qkv[w0:w1].copy_(grads.view(3, w, heads, d, n).permute(1, 4, 0, 2, 3))
+        return grad_qkv.view(t, c3), grad_masks, None, None, None, None
 
 
 class _Mlp(nn.Module):
@@ -358,9 +369,10 @@ class _WindowAttention(nn.Module):
         return bias.permute(2, 0, 1)
 
     def folded_masks(self, patterns, dtype, device, differentiable):
-        """Additive masks (1, heads, N, N) for pattern indices 0..3: bias + shift pattern.
+        """Additive masks (patterns, heads, N, N), bias plus shift pattern, for pattern indices 0..3.
 
-        patterns: (4, N, N) shift patterns or None for a block without shift (then one mask).
+        patterns: (4, N, N) shift patterns or None for a block without shift (then one mask). Without
+        ``differentiable`` the masks are cached until the bias table changes.
         """
         if differentiable:
             return self._fold(patterns, dtype, device)
@@ -375,15 +387,15 @@ class _WindowAttention(nn.Module):
             self._mask_cache[key] = masks
             while len(self._mask_cache) > _MASK_CACHE_SIZE:
                 self._mask_cache.popitem(last=False)
+        else:
+            self._mask_cache.move_to_end(key)
         return masks
 
     def _fold(self, patterns, dtype, device):
-        # Contiguous masks: the fused CPU kernel reads them row by row.
-        bias = self.relative_bias().float()
-        if patterns is None:
-            return [bias.unsqueeze(0).to(device=device, dtype=dtype).contiguous()]
-        patterns = patterns.to(device=device)
-        return [(bias + patterns[g]).unsqueeze(0).to(dtype).contiguous() for g in range(patterns.shape[0])]
+        bias = self.relative_bias().float().unsqueeze(0)
+        if patterns is not None:
+            bias = bias + patterns.to(device=device).unsqueeze(1)
+        return bias.to(device=device, dtype=dtype).contiguous()
 
     def attend(self, qkv, groups, patterns, tokens_per_window, window_keys, batch):
         """Attention over windows of a window-ordered stream.
@@ -395,22 +407,24 @@ class _WindowAttention(nn.Module):
         c = qkv.shape[1] // 3
         heads = self.num_heads
         table = self.relative_position_bias_table
-        explicit = torch.is_grad_enabled() and table.requires_grad
-        if explicit:
-            if (_FLASH_CPU is not None and qkv.device.type == 'cpu' and qkv.dtype == torch.float32
-                    and not (self.training and self.attn_drop.p > 0)):
-                pats = None if patterns is None else patterns.to(qkv.dtype)
-                return _WindowAttentionFunction.apply(qkv, self.relative_bias().to(qkv.dtype), pats, groups, n, heads,
-                                                      self.scale)
+        grad = torch.is_grad_enabled() and (qkv.requires_grad or table.requires_grad)
+        dropout = self.attn_drop.p if self.training else 0.
+        if qkv.device.type == 'cpu' and dropout == 0:
+            if not grad:
+                masks = self.folded_masks(patterns, qkv.dtype, qkv.device, differentiable=False)
+                return window_attention_cpu(qkv, masks, groups, n, heads, self.scale)
+            if qkv.dtype == torch.float32:
+                masks = self.folded_masks(patterns, qkv.dtype, qkv.device, differentiable=table.requires_grad)
+                return _WindowAttentionFunction.apply(qkv, masks, groups, n, heads, self.scale)
+        if grad and table.requires_grad:
             return self._attend_explicit(qkv, window_keys, patterns, n, batch)
         masks = self.folded_masks(patterns, qkv.dtype, qkv.device, differentiable=False)
-        dropout = self.attn_drop.p if self.training else 0.
         outs = []
         for start, stop, g in groups:
-            mask = masks[g] if patterns is not None else masks[0]
             q, k, v = qkv[start:stop].view(-1, n, 3, heads, c // heads).unbind(2)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (windows, heads, N, d) views
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[g:g + 1], dropout_p=dropout,
+                                                 scale=self.scale)
             outs.append(out.transpose(1, 2).reshape(-1, c))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 

@@ -7,9 +7,17 @@ PSNR of the reduced-precision output against fp32 on photographs shipped with sc
 
     python scripts/benchmark_student.py [--sizes 64 128] [--repeats 9] [--train-iters 7] [--threads 2]
         [--device auto|cpu|cuda] [--weights net_g.pth] [--compile] [--no-train] [--no-inference]
+        [--default-malloc]
 
 Without --weights the networks have BasicSR's random initialisation (speed does not depend on
 the values; the PSNR check is then a check of arithmetic, not of a trained model).
+
+On Linux with glibc, the script first tells malloc to keep freed memory (``steady_malloc``) for all
+variants alike: by default glibc returns the hundreds of MiB that a training iteration frees to the
+system and maps them again in the next one (hundreds of thousands of page faults per iteration
+here), which makes CPU training times depend on the heap's history more than on the network.
+``--default-malloc`` measures with glibc's defaults instead. The same effect for any program:
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647``, or jemalloc/tcmalloc.
 """
 import argparse
 import math
@@ -53,6 +61,24 @@ def machine(device):
     if device == 'cuda':
         lines.append(f'- GPU: {torch.cuda.get_device_name(0)}')
     return '\n'.join(lines)
+
+
+def steady_malloc():
+    """glibc: serve blocks up to 32 MiB from the heap and never trim it, so that a loop that frees and
+    allocates the same sizes reuses memory instead of faulting in fresh pages. Returns a description."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library('c')
+    if not name or platform.system() != 'Linux':
+        return 'default allocator (not glibc)'
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+    except (OSError, AttributeError):
+        ok = False
+    return 'glibc malloc, mmap threshold 32 MiB, no trimming' if ok else 'default allocator (mallopt failed)'
 
 
 def sync(device):
@@ -193,7 +219,7 @@ def training(device, args):
             loss.backward()
             opt.step()
         fns[name] = step
-    times = interleaved(fns, args.train_iters, 1, device)
+    times = interleaved(fns, args.train_iters, args.train_warmup, device)
     table(f'Training iteration, {device}: forward + L1 + backward + Adam, batch {args.batch}, 64x64 LR',
           times, 'BasicSR SwinIR fp32')
 
@@ -204,7 +230,10 @@ def main():
     parser.add_argument('--repeats', type=int, default=9, help='timed rounds per inference size')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--train-iters', type=int, default=7, help='timed training rounds')
+    parser.add_argument('--train-warmup', type=int, default=3, help='untimed training rounds')
     parser.add_argument('--batch', type=int, default=4, help='training batch size')
+    parser.add_argument('--default-malloc', action='store_true',
+                        help="keep glibc's default malloc settings (see the module docstring)")
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     parser.add_argument('--weights', default=None, help='optional SwinIR-small checkpoint (BasicSR format)')
@@ -213,6 +242,7 @@ def main():
     parser.add_argument('--no-inference', action='store_true', help='skip the accuracy and inference benchmarks')
     parser.add_argument('--psnr-size', type=int, default=64, help='LR size of the photographs for the PSNR check')
     args = parser.parse_args()
+    allocator = 'glibc defaults' if args.default_malloc else steady_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
@@ -228,6 +258,7 @@ def main():
         args.train_precisions = ['fp32'] + (['bf16'] if 'bf16' in args.precisions else [])
         print(f'\n## SwinIR-small (929,628 parameters) on {device}\n')
         print(machine(device))
+        print(f'- memory allocator: {allocator}')
         if not args.no_inference:
             ref, fast = build(args, device)
             accuracy(ref, fast, device, args.psnr_size)

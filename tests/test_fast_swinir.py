@@ -263,7 +263,7 @@ def test_inference_mode_then_training():
         fast.eval()(x)
     fast.train()
     for blk in fast.layers[0].residual_group.blocks:
-        blk.attn.relative_position_bias_table.requires_grad_(False)  # flash path with autograd
+        blk.attn.relative_position_bias_table.requires_grad_(False)  # attention with autograd, masks without gradients
     out = fast(x)
     out.square().mean().backward()
     ref.train()
@@ -309,3 +309,38 @@ def test_training_gradients_match_basicsr_tightly(cfg_name, size, batch, monkeyp
         tables += name.endswith('relative_position_bias_table')
     assert tables == sum(cfg['depths'])
 
+
+
+@pytest.mark.parametrize('chunk_elements', [1, 1 << 40])
+def test_attention_chunking_does_not_change_results(chunk_elements, monkeypatch):
+    """One window per chunk and all windows in one chunk give the outputs and gradients of the default
+    chunking (and of the explicit attention computed without chunks)."""
+    import dtkd_arch.fast_swinir_arch as fast_arch
+
+    torch.manual_seed(3)
+    windows, heads, n, d = 7, 3, 16, 5
+    qkv = torch.randn(windows * n, 3 * heads * d, dtype=torch.float64)
+    masks = torch.randn(4, heads, n, n, dtype=torch.float64)
+    masks[1:] += fast_arch.shift_patterns(4, 2).to(torch.float64)[1:].unsqueeze(1)
+    groups = [(0, 3 * n, 0), (3 * n, 5 * n, 1), (5 * n, 6 * n, 2), (6 * n, 7 * n, 3)]
+    grad_out = torch.randn(windows * n, heads * d, dtype=torch.float64)
+    scale = d**-0.5
+
+    def explicit(qkv, masks):
+        q, k, v = qkv.view(windows, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        key = torch.tensor([0, 0, 0, 1, 1, 2, 3])
+        attn = ((q * scale) @ k.transpose(-2, -1) + masks[key]).softmax(-1)
+        return (attn @ v).transpose(1, 2).reshape(windows * n, heads * d)
+
+    results = []
+    for fn in (explicit, lambda a, b: fast_arch._WindowAttentionFunction.apply(a, b, groups, n, heads, scale)):
+        a, b = qkv.clone().requires_grad_(), masks.clone().requires_grad_()
+        monkeypatch.setattr(fast_arch, '_CHUNK_ELEMENTS', chunk_elements)
+        out = fn(a, b)
+        out.backward(grad_out)
+        results.append((out.detach(), a.grad, b.grad))
+        with torch.no_grad():
+            assert torch.allclose(fast_arch.window_attention_cpu(qkv, masks, groups, n, heads, scale), results[0][0],
+                                  atol=1e-12)
+    for expected, got in zip(*results):
+        assert torch.allclose(got, expected, atol=1e-12), (got - expected).abs().max()
