@@ -54,6 +54,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 from basicsr.utils.registry import ARCH_REGISTRY
 
+from dtkd_arch.cpu_ops import Linear
+
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 UPSAMPLERS = ('pixelshuffle', 'pixelshuffledirect', 'nearest+conv', '')
 RESI_CONNECTIONS = ('1conv', '3conv')
@@ -334,9 +336,9 @@ class _Mlp(nn.Module):
 
     def __init__(self, in_features, hidden_features, act_layer=nn.GELU, drop=0.):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
@@ -355,9 +357,9 @@ class _WindowAttention(nn.Module):
         self.scale = qk_scale or head_dim**-0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1)**2, num_heads))
         self.register_buffer('relative_position_index', relative_position_index(window_size))
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=.02)
         self._mask_cache = OrderedDict()

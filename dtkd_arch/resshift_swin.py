@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtkd_arch.cpu_ops import Linear, linear
+
 # Additive mask value the reference implementation uses between tokens of different shifted regions.
 _MASK_VALUE = -100.0
 
@@ -70,7 +72,7 @@ def shift_window_mask(height, width, window_size, shift_size):
 
 def _linear_1x1(x, conv):
     """Apply a 1x1 ``nn.Conv2d`` to a channels-last tensor (..., C_in) as a matrix product."""
-    return F.linear(x, conv.weight.flatten(1), conv.bias)
+    return linear(x, conv.weight.flatten(1), conv.bias)
 
 
 def _group_norm_channels_last(x, norm):
@@ -96,8 +98,8 @@ class WindowAttention(nn.Module):
         self.scale = (dim // num_heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         self.register_buffer('relative_position_index', relative_position_index(window_size))
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def position_bias(self):

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtkd_arch.cpu_ops import linear
+
 
 def _norm(channels):
     return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
@@ -56,9 +58,9 @@ class AttnBlock(nn.Module):
         # One matrix product for q, k and v instead of three 1x1 convolutions.
         weight = torch.cat([self.q.weight, self.k.weight, self.v.weight]).flatten(1)
         bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        q, k, v = F.linear(tokens, weight, bias).chunk(3, dim=-1)
+        q, k, v = linear(tokens, weight, bias).chunk(3, dim=-1)
         out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C), as the reference
-        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        out = linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 

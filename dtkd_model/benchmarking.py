@@ -153,6 +153,46 @@ def count_flops(module, *args, **kwargs):
     return counter.get_total_flops()
 
 
+def teacher_flops(teacher, h, w):
+    """(encode, one UNet step, decode) FLOPs and the padded LR size for an h x w LR image, as
+    ``ResShiftTeacher.sample`` pads it."""
+    m, sf = teacher.pad_multiple, teacher.diffusion.sf
+    hp, wp = h + (-h) % m, w + (-w) % m
+    up = torch.empty(1, 3, sf * hp, sf * wp)
+    ae = teacher.autoencoder
+    if ae is not None:
+        enc = count_flops(ae.encode, up)
+        meta = copy.deepcopy(ae).to('meta')
+        with torch.no_grad():
+            latent_shape = tuple(meta.encode(torch.empty(up.shape, device='meta')).shape)
+        del meta
+        dec = count_flops(ae.decode, torch.empty(latent_shape))
+    else:
+        enc = dec = 0
+        latent_shape = tuple(up.shape)
+    kwargs = {'lq': torch.empty(1, 3, hp, wp)} if teacher.cond_lq else {}
+    step = count_flops(teacher.unet, torch.empty(latent_shape), torch.zeros(1, dtype=torch.long), **kwargs)
+    return enc, step, dec, (hp, wp)
+
+
+def matmul_rate(device, dtype=torch.float32, n=2048, repeats=5):
+    """GFLOP/s of an n x n x n matrix product on ``device`` (the BLAS library on CPUs)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds, _ = median_time(lambda: torch.mm(a, b), device, repeats=repeats, warmup=2)
+    return 2 * n**3 / seconds / 1e9
+
+
+def conv_rate(device, dtype=torch.float32, channels=256, size=64, repeats=5):
+    """GFLOP/s of a 3x3 convolution, ``channels`` to ``channels`` on a ``size`` x ``size`` image (oneDNN on CPUs)."""
+    x = torch.randn(1, channels, size, size, device=device, dtype=dtype)
+    w = torch.randn(channels, channels, 3, 3, device=device, dtype=dtype)
+    with torch.no_grad():
+        seconds, _ = median_time(lambda: torch.nn.functional.conv2d(x, w, padding=1), device, repeats=repeats,
+                                 warmup=2)
+    return 2 * channels * channels * 9 * size * size / seconds / 1e9
+
+
 def parse_size(text):
     """'64' -> (64, 64); '48x80' -> (48, 80) (height x width, LR pixels)."""
     try:

@@ -18,7 +18,6 @@ Conventions:
   with the same arguments when ``dtkd_arch/fast_swinir_arch.py`` exists.
 """
 import argparse
-import copy
 import os
 import sys
 
@@ -40,6 +39,7 @@ from dtkd_model.benchmarking import (  # noqa: E402
     markdown_table,
     median_time,
     prepare_teacher_run,
+    teacher_flops,
 )
 from dtkd_model.launch import load_yaml  # noqa: E402
 
@@ -48,28 +48,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def n_params(module):
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
-
-
-def teacher_flops(teacher, h, w):
-    """(encode, one UNet step, decode) FLOPs and the padded LR size for an h x w LR image, as
-    ``ResShiftTeacher.sample`` pads it."""
-    m, sf = teacher.pad_multiple, teacher.diffusion.sf
-    hp, wp = h + (-h) % m, w + (-w) % m
-    up = torch.empty(1, 3, sf * hp, sf * wp)
-    ae = teacher.autoencoder
-    if ae is not None:
-        enc = count_flops(ae.encode, up)
-        meta = copy.deepcopy(ae).to('meta')
-        with torch.no_grad():
-            latent_shape = tuple(meta.encode(torch.empty(up.shape, device='meta')).shape)
-        del meta
-        dec = count_flops(ae.decode, torch.empty(latent_shape))
-    else:
-        enc = dec = 0
-        latent_shape = tuple(up.shape)
-    kwargs = {'lq': torch.empty(1, 3, hp, wp)} if teacher.cond_lq else {}
-    step = count_flops(teacher.unet, torch.empty(latent_shape), torch.zeros(1, dtype=torch.long), **kwargs)
-    return enc, step, dec, (hp, wp)
 
 
 def build_students(opt_path, device):

@@ -37,11 +37,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from basicsr.archs.swinir_arch import SwinIR  # noqa: E402
 
+from dtkd_arch.cpu_ops import set_linear_backend  # noqa: E402
 from dtkd_arch.fast_swinir_arch import FastSwinIR, cpu_supports_bf16  # noqa: E402
 
 STUDENT = dict(upscale=4, img_size=64, window_size=8, img_range=1., depths=[6, 6, 6, 6], embed_dim=60,
                num_heads=[6, 6, 6, 6], mlp_ratio=2, upsampler='pixelshuffledirect', resi_connection='1conv')
 PAPER_LATENCY_MS = 19.09  # SwinIR-small inference time reported in the DTKD paper (its GPU)
+# FastSwinIR with its fully connected layers in the BLAS library (F.linear) instead of oneDNN (dtkd_arch.cpu_ops)
+BLAS_VARIANT = 'FastSwinIR fp32, BLAS linear'
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'camera', 'brick')
 
 
@@ -184,14 +187,20 @@ def inference(ref, fast, device, args):
     for size in args.sizes:
         x = torch.rand(1, 3, size, size, device=device)
 
-        def runner(model, x=x):
+        def runner(model, x=x, linear='onednn'):
             def run():
-                with torch.inference_mode():
-                    model(x)
+                previous = set_linear_backend(linear)
+                try:
+                    with torch.inference_mode():
+                        model(x)
+                finally:
+                    set_linear_backend(previous)
             return run
 
         fns = {'BasicSR SwinIR fp32': runner(ref)}
         fns.update({f'FastSwinIR {p}': runner(m) for p, m in fast.items()})
+        if device == 'cpu' and 'fp32' in fast:
+            fns[BLAS_VARIANT] = runner(fast['fp32'], linear='blas')
         times = interleaved(fns, args.repeats, args.warmup, device)
         extra = None
         if device == 'cuda' and size == 64:
@@ -207,17 +216,25 @@ def training(device, args):
         model = FastSwinIR(**STUDENT, precision=precision, use_compile=args.compile)
         model.load_state_dict(ref.state_dict())
         models[f'FastSwinIR {precision}'] = model.to(device).train()
+    if device == 'cpu':
+        model = FastSwinIR(**STUDENT, use_compile=args.compile)
+        model.load_state_dict(ref.state_dict())
+        models[BLAS_VARIANT] = model.to(device).train()
     x = torch.rand(args.batch, 3, 64, 64, device=device)
     gt = torch.rand(args.batch, 3, 256, 256, device=device)
     fns = {}
     for name, model in models.items():
         opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.99))
 
-        def step(model=model, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            loss = F.l1_loss(model(x), gt)
-            loss.backward()
-            opt.step()
+        def step(model=model, opt=opt, linear='blas' if name == BLAS_VARIANT else 'onednn'):
+            previous = set_linear_backend(linear)
+            try:
+                opt.zero_grad(set_to_none=True)
+                loss = F.l1_loss(model(x), gt)
+                loss.backward()
+                opt.step()
+            finally:
+                set_linear_backend(previous)
         fns[name] = step
     times = interleaved(fns, args.train_iters, args.train_warmup, device)
     table(f'Training iteration, {device}: forward + L1 + backward + Adam, batch {args.batch}, 64x64 LR',

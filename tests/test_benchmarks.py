@@ -105,3 +105,42 @@ def test_perturb_zero_layers_fills_only_zero_parameters():
     script.perturb_zero_layers(net)
     assert torch.equal(net[0].weight, before)
     assert net[1].weight.abs().min() > 0 and net[1].bias.abs().min() > 0
+
+
+def test_compute_bound_table(capsys):
+    """Rates are FLOPs over the timer's mean seconds; the reference is a 3x3 convolution measured here."""
+    script = load_script('benchmark_teacher')
+
+    class Timer:
+        times = {'unet': [0.5, 1.5], 'encode': [2.0], 'decode': []}
+
+    script.print_compute_bound((8e9, 3e9, 5e9), Timer(), torch.device('cpu'))
+    out = capsys.readouterr().out
+    assert '3x3 convolution 256 -> 256' in out
+    rows = table_rows(out)
+    assert [r[0] for r in rows] == ['UNet call', 'encode']  # decode: no calls timed
+    assert rows[0][1:4] == ['3.0', '1000.0', '3']
+    assert rows[1][1:4] == ['8.0', '2000.0', '4']
+
+
+def test_benchmark_student_runs_every_variant():
+    """The student benchmark end to end on tiny sizes, in a child process (it tunes the process's malloc)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, os.path.join(REPO, 'scripts', 'benchmark_student.py'), '--device', 'cpu', '--sizes', '8',
+           '--repeats', '1', '--warmup', '0', '--train-iters', '1', '--train-warmup', '0', '--batch', '1',
+           '--psnr-size', '8', '--threads', '1']
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+    assert 'memory allocator: glibc malloc' in out or 'memory allocator: default allocator' in out
+    rows = table_rows(out.split('### Inference')[1].split('###')[0])
+    names = [r[0] for r in rows]
+    assert names[0] == 'BasicSR SwinIR fp32' and 'FastSwinIR fp32' in names
+    assert 'FastSwinIR fp32, BLAS linear' in names
+    training = table_rows(out.split('### Training')[1])
+    assert {'BasicSR SwinIR fp32', 'FastSwinIR fp32', 'FastSwinIR fp32, BLAS linear'} <= {r[0] for r in training}
+    for row in rows + training:
+        assert float(row[1]) > 0
+    # FastSwinIR fp32 equals BasicSR on the photographs (max abs column of the accuracy table)
+    accuracy = table_rows(out.split('### Accuracy')[1].split('###')[0])
+    assert accuracy and all(float(r[1]) < 1e-4 for r in accuracy)
