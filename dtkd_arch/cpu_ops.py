@@ -9,14 +9,27 @@ or out): the same products and sums, equal to ``F.linear`` up to float rounding,
 Measured there (``scripts/benchmark_student.py`` prints both variants): about 2x faster for the
 layer shapes of SwinIR-small and of ResShift's Swin blocks, forward and backward.
 
-``set_linear_backend('blas')`` restores ``F.linear`` everywhere (process-wide), e.g. to compare on
-another CPU; ``'onednn'`` is the default. GPUs and other dtypes always use ``F.linear``.
+``set_linear_backend('blas')`` (or the environment variable ``DTKD_CPU_LINEAR=blas``) restores
+``F.linear`` everywhere (process-wide), e.g. to compare on another CPU; ``'onednn'`` is the default.
+GPUs and other dtypes always use ``F.linear``.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
 _BACKENDS = ('onednn', 'blas')
-_backend = 'onednn'
+_ENV = 'DTKD_CPU_LINEAR'
+
+
+def _backend_from_environment():
+    name = os.environ.get(_ENV, 'onednn').strip().lower() or 'onednn'
+    if name not in _BACKENDS:
+        raise ValueError(f'environment variable {_ENV}={os.environ[_ENV]!r}: use one of {_BACKENDS}')
+    return name
+
+
+_backend = _backend_from_environment()
 
 
 def set_linear_backend(name):

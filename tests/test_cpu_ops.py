@@ -65,3 +65,13 @@ def test_linear_module_keeps_nn_linear_keys():
     assert set(m.state_dict()) == {'weight', 'bias'}
     x = torch.randn(7, 5)
     assert torch.allclose(m(x), F.linear(x, m.weight, m.bias), atol=1e-6)
+
+
+def test_environment_variable_selects_the_backend(monkeypatch):
+    monkeypatch.setenv('DTKD_CPU_LINEAR', 'BLAS')
+    assert cpu_ops._backend_from_environment() == 'blas'
+    monkeypatch.setenv('DTKD_CPU_LINEAR', 'mkl')
+    with pytest.raises(ValueError, match='DTKD_CPU_LINEAR'):
+        cpu_ops._backend_from_environment()
+    monkeypatch.delenv('DTKD_CPU_LINEAR')
+    assert cpu_ops._backend_from_environment() == 'onednn'
