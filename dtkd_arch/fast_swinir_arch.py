@@ -227,6 +227,9 @@ def _permute_rows(x, order, inverse):
 
 
 _CHUNK_ELEMENTS = 1 << 19  # attention scores per chunk of windows (2 MiB in fp32: they stay in a core's cache)
+# False: CPUs take the device-independent attention path (scaled_dot_product_attention, or the explicit
+# computation when the bias tables need gradients), as GPUs do; the tests use it to check that path on CPUs.
+_CPU_ATTENTION = True
 
 
 def _chunk_windows(heads, n):
@@ -411,7 +414,7 @@ class _WindowAttention(nn.Module):
         table = self.relative_position_bias_table
         grad = torch.is_grad_enabled() and (qkv.requires_grad or table.requires_grad)
         dropout = self.attn_drop.p if self.training else 0.
-        if qkv.device.type == 'cpu' and dropout == 0:
+        if qkv.device.type == 'cpu' and dropout == 0 and _CPU_ATTENTION:
             if not grad:
                 masks = self.folded_masks(patterns, qkv.dtype, qkv.device, differentiable=False)
                 return window_attention_cpu(qkv, masks, groups, n, heads, self.scale)

@@ -344,3 +344,27 @@ def test_attention_chunking_does_not_change_results(chunk_elements, monkeypatch)
                                   atol=1e-12)
     for expected, got in zip(*results):
         assert torch.allclose(got, expected, atol=1e-12), (got - expected).abs().max()
+
+
+def test_device_independent_attention_path_matches_basicsr(monkeypatch):
+    """The path GPUs take (fused SDPA without gradients for the bias tables, explicit attention with them),
+    forced on the CPU: outputs and gradients equal BasicSR's."""
+    import dtkd_arch.fast_swinir_arch as fast_arch
+
+    monkeypatch.setattr(fast_arch, '_CPU_ATTENTION', False)
+    calls = []
+    monkeypatch.setattr(fast_arch, 'window_attention_cpu', lambda *a, **k: calls.append(1))
+    cfg = dict(PAPER, depths=[2, 2], num_heads=[6, 6], drop_path_rate=0.)
+    ref, fast = _pair(cfg, seed=12, gain=0.8)
+    x = torch.rand(2, 3, 24, 32)
+    with torch.no_grad():
+        assert _max_diff(fast.eval()(x), ref.eval()(x)) < ATOL
+    ref.train(), fast.train()
+    target = torch.rand(2, 3, 96, 128)
+    for model in (ref, fast):
+        F.l1_loss(model(x), target).backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        expected = ref_params[name].grad
+        assert _max_diff(p.grad, expected) < 2e-5 * expected.abs().max().item(), name
+    assert not calls
