@@ -402,6 +402,7 @@ class _WindowAttention(nn.Module):
             bias = bias + patterns.to(device=device).unsqueeze(1)
         return bias.to(device=device, dtype=dtype).contiguous()
 
+    @torch.compiler.disable  # Python loops and caches: torch.compile would recompile them per block
     def attend(self, qkv, groups, patterns, tokens_per_window, window_keys, batch):
         """Attention over windows of a window-ordered stream.
 
