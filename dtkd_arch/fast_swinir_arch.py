@@ -236,10 +236,22 @@ def _chunk_windows(heads, n):
     return max(1, _CHUNK_ELEMENTS // (heads * n * n))
 
 
-def _transposed_qkv(qkv, w0, w1, n, heads, d):
-    """q, k and v of windows ``w0:w1`` as one contiguous (3, windows * heads, d, N) copy (d x N each)."""
-    w = w1 - w0
-    return qkv[w0 * n:w1 * n].view(w, n, 3, heads, d).permute(2, 0, 3, 4, 1).contiguous().view(3, w * heads, d, n)
+def _chunks(qkv, groups, n, heads, scale):
+    """Chunks of windows for the CPU attention loops: yields (w0, w1, pattern, q_t, k_t, v_t).
+
+    Windows ``w0:w1`` share one shift pattern and fit in cache (``_CHUNK_ELEMENTS``); q_t, k_t, v_t
+    are one contiguous (3, windows * heads, d, N) copy of their q (already times ``scale``), k and v,
+    each transposed (d x N).
+    """
+    d = qkv.shape[1] // 3 // heads
+    step = _chunk_windows(heads, n)
+    for start, stop, g in groups:
+        for w0 in range(start // n, stop // n, step):
+            w1 = min(w0 + step, stop // n)
+            qkv_t = qkv[w0 * n:w1 * n].view(w1 - w0, n, 3, heads, d).permute(2, 0, 3, 4, 1).contiguous()
+            q_t, k_t, v_t = qkv_t.view(3, (w1 - w0) * heads, d, n).unbind(0)
+            q_t.mul_(scale)
+            yield w0, w1, g, q_t, k_t, v_t
 
 
 def _chunk_probabilities(q_t, k_t, mask, windows, heads, n, out=None):
@@ -266,17 +278,11 @@ def window_attention_cpu(qkv, masks, groups, n, heads, scale, keep_probabilities
     d = c // heads
     out = qkv.new_empty(t // n, n, heads, d)
     probs = qkv.new_empty(t // n * heads, n, n) if keep_probabilities else None
-    step = _chunk_windows(heads, n)
-    for start, stop, g in groups:
-        for w0 in range(start // n, stop // n, step):
-            w1 = min(w0 + step, stop // n)
-            w = w1 - w0
-            q_t, k_t, v_t = _transposed_qkv(qkv, w0, w1, n, heads, d).unbind(0)
-            q_t.mul_(scale)
-            p = _chunk_probabilities(q_t, k_t, masks[g], w, heads, n,
-                                     out=None if probs is None else probs[w0 * heads:w1 * heads])
-            o_t = torch.bmm(v_t, p.transpose(1, 2))  # (windows * heads, d, N)
-            out[w0:w1].copy_(o_t.view(w, heads, d, n).permute(0, 3, 1, 2))
+    for w0, w1, g, q_t, k_t, v_t in _chunks(qkv, groups, n, heads, scale):
+        p = _chunk_probabilities(q_t, k_t, masks[g], w1 - w0, heads, n,
+                                 out=None if probs is None else probs[w0 * heads:w1 * heads])
+        o_t = torch.bmm(v_t, p.transpose(1, 2))  # (windows * heads, d, N)
+        out[w0:w1].copy_(o_t.view(w1 - w0, heads, d, n).permute(0, 3, 1, 2))
     out = out.view(t, c)
     return (out, probs) if keep_probabilities else out
 
@@ -286,10 +292,10 @@ class _WindowAttentionFunction(torch.autograd.Function):
 
     The gradient of the masks (hence of the relative position bias tables) is the sum over windows and
     images of the score gradients ``dS``; torch's fused attention kernels do not return it. Forward
-    as ``window_attention_cpu``; nothing but the inputs is kept for the backward, which recomputes
-    each chunk's probabilities ``P`` (one small product and a softmax, in cache) and then computes
-    ``dV^T = dO^T P``, ``dP = dO v^T``, ``dS = P * (dP - rowsum(P * dP))``, ``dQ^T = k^T dS^T``
-    and ``dK^T = q^T dS``, all with N output columns (see ``window_attention_cpu``).
+    as ``window_attention_cpu``, keeping the probabilities ``P`` (as autograd keeps them for BasicSR's
+    attention); the backward takes each chunk's q, k, v copies again and computes ``dV^T = dO^T P``,
+    ``dP = dO v^T``, ``dS = P * (dP - rowsum(P * dP))``, ``dQ^T = k^T dS^T`` and ``dK^T = q^T dS``,
+    all with N output columns (see ``window_attention_cpu``).
 
     Args of ``apply``: qkv (T, 3C), masks (patterns, heads, N, N) (may require gradients), groups
     [(start_row, stop_row, pattern)], tokens per window N, heads, scale. Returns (T, C).
@@ -314,24 +320,19 @@ class _WindowAttentionFunction(torch.autograd.Function):
         grad_qkv = qkv.new_empty(t // n, n, 3, heads, d)
         grad_masks = qkv.new_zeros(ctx.mask_shape) if ctx.mask_grad else None
         grad_out = grad_out.view(t // n, n, heads, d)
-        step = _chunk_windows(heads, n)
-        for start, stop, g in groups:
-            for w0 in range(start // n, stop // n, step):
-                w1 = min(w0 + step, stop // n)
-                w = w1 - w0
-                q_t, k_t, v_t = _transposed_qkv(qkv, w0, w1, n, heads, d).unbind(0)
-                q_t.mul_(scale)
-                p = probs[w0 * heads:w1 * heads]
-                go_t = grad_out[w0:w1].permute(0, 2, 3, 1).reshape(w * heads, d, n)
-                grads = qkv.new_empty(3, w * heads, d, n)
-                torch.bmm(go_t, p, out=grads[2])  # dV^T
-                ds = torch.bmm(go_t.transpose(1, 2), v_t)  # dP
-                ds = torch._softmax_backward_data(ds, p, -1, p.dtype)  # dS = P * (dP - rowsum(P * dP))
-                if grad_masks is not None:
-                    grad_masks[g] += ds.view(w, heads, n, n).sum(0)
-                torch.bmm(k_t, ds.transpose(1, 2), out=grads[0]).mul_(scale)  # dQ^T
-                torch.bmm(q_t, ds, out=grads[1])  # dK^T (q_t holds q * scale)
-                grad_qkv[w0:w1].copy_(grads.view(3, w, heads, d, n).permute(1, 4, 0, 2, 3))
+        for w0, w1, g, q_t, k_t, v_t in _chunks(qkv, groups, n, heads, scale):
+            w = w1 - w0
+            p = probs[w0 * heads:w1 * heads]
+            go_t = grad_out[w0:w1].permute(0, 2, 3, 1).reshape(w * heads, d, n)
+            grads = qkv.new_empty(3, w * heads, d, n)
+            torch.bmm(go_t, p, out=grads[2])  # dV^T
+            ds = torch.bmm(go_t.transpose(1, 2), v_t)  # dP
+            ds = torch._softmax_backward_data(ds, p, -1, p.dtype)  # dS = P * (dP - rowsum(P * dP))
+            if grad_masks is not None:
+                grad_masks[g] += ds.view(w, heads, n, n).sum(0)
+            torch.bmm(k_t, ds.transpose(1, 2), out=grads[0]).mul_(scale)  # dQ^T
+            torch.bmm(q_t, ds, out=grads[1])  # dK^T (q_t holds q * scale)
+            grad_qkv[w0:w1].copy_(grads.view(3, w, heads, d, n).permute(1, 4, 0, 2, 3))
         return grad_qkv.view(t, c3), grad_masks, None, None, None, None
 
 
