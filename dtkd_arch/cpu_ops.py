@@ -13,6 +13,7 @@ layer shapes of SwinIR-small and of ResShift's Swin blocks, forward and backward
 ``F.linear`` everywhere (process-wide), e.g. to compare on another CPU; ``'onednn'`` is the default.
 GPUs and other dtypes always use ``F.linear``.
 """
+import contextlib
 import os
 
 import torch
@@ -45,6 +46,16 @@ def set_linear_backend(name):
 
 def linear_backend():
     return _backend
+
+
+@contextlib.contextmanager
+def using_linear_backend(name):
+    """``set_linear_backend(name)`` for the body of a ``with`` block, then the previous setting again."""
+    previous = set_linear_backend(name)
+    try:
+        yield
+    finally:
+        set_linear_backend(previous)
 
 
 def _use_onednn(x):

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from basicsr.archs.swinir_arch import SwinIR  # noqa: E402
 
-from dtkd_arch.cpu_ops import set_linear_backend  # noqa: E402
+from dtkd_arch.cpu_ops import using_linear_backend  # noqa: E402
 from dtkd_arch.fast_swinir_arch import FastSwinIR, cpu_supports_bf16  # noqa: E402
 
 STUDENT = dict(upscale=4, img_size=64, window_size=8, img_range=1., depths=[6, 6, 6, 6], embed_dim=60,
@@ -189,12 +189,8 @@ def inference(ref, fast, device, args):
 
         def runner(model, x=x, linear='onednn'):
             def run():
-                previous = set_linear_backend(linear)
-                try:
-                    with torch.inference_mode():
-                        model(x)
-                finally:
-                    set_linear_backend(previous)
+                with using_linear_backend(linear), torch.inference_mode():
+                    model(x)
             return run
 
         fns = {'BasicSR SwinIR fp32': runner(ref)}
@@ -227,14 +223,11 @@ def training(device, args):
         opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.99))
 
         def step(model=model, opt=opt, linear='blas' if name == BLAS_VARIANT else 'onednn'):
-            previous = set_linear_backend(linear)
-            try:
+            with using_linear_backend(linear):
                 opt.zero_grad(set_to_none=True)
                 loss = F.l1_loss(model(x), gt)
                 loss.backward()
                 opt.step()
-            finally:
-                set_linear_backend(previous)
         fns[name] = step
     times = interleaved(fns, args.train_iters, args.train_warmup, device)
     table(f'Training iteration, {device}: forward + L1 + backward + Adam, batch {args.batch}, 64x64 LR',

@@ -36,7 +36,7 @@ def test_linear_matches_f_linear_values_and_gradients(shape, cin, cout, bias, la
         assert torch.allclose(got, expected, atol=1e-4, rtol=1e-5)
 
 
-def test_linear_bf16_and_backend_switch():
+def test_linear_bf16_and_backend_switch(monkeypatch):
     torch.manual_seed(1)
     x, w, b = torch.randn(64, 32), torch.randn(16, 32) * 0.2, torch.randn(16)
     expected = F.linear(x, w, b)
@@ -45,18 +45,18 @@ def test_linear_bf16_and_backend_switch():
     assert (got.float() - expected).abs().max() < 0.1
     calls = []
     original = F.conv2d
-    try:
-        F.conv2d = lambda *a, **k: calls.append(1) or original(*a, **k)
-        previous = cpu_ops.set_linear_backend('blas')
+    monkeypatch.setattr(F, 'conv2d', lambda *a, **k: calls.append(1) or original(*a, **k))
+    before = cpu_ops.linear_backend()
+    with cpu_ops.using_linear_backend('blas'):
         assert torch.equal(cpu_ops.linear(x, w, b), F.linear(x, w, b)) and not calls
-        cpu_ops.set_linear_backend('onednn')
-        cpu_ops.linear(x, w, b)
-        assert calls == ([1] if torch.backends.mkldnn.is_available() else [])
-    finally:
-        F.conv2d = original
-        cpu_ops.set_linear_backend(previous)
+        with cpu_ops.using_linear_backend('onednn'):
+            cpu_ops.linear(x, w, b)
+        assert cpu_ops.linear_backend() == 'blas'
+    assert cpu_ops.linear_backend() == before
+    assert calls == ([1] if torch.backends.mkldnn.is_available() else [])
     with pytest.raises(ValueError, match='linear backend'):
         cpu_ops.set_linear_backend('mkl')
+    assert cpu_ops.linear_backend() == before
 
 
 def test_linear_module_keeps_nn_linear_keys():
