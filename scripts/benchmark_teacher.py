@@ -194,8 +194,8 @@ def print_compute_bound(flops, timer, device):
     peak = conv_rate(device)
     blas = matmul_rate(device)
     rows = []
-    for name, count in (('UNet call', step), ('encode', enc), ('decode', dec)):
-        calls = timer.times[name if name != 'UNet call' else 'unet']
+    for name, key, count in (('UNet call', 'unet', step), ('encode', 'encode', enc), ('decode', 'decode', dec)):
+        calls = timer.times[key]
         if not calls or not count:
             continue
         seconds = sum(calls) / len(calls)
