@@ -108,6 +108,32 @@ def write_yaml(path, opt):
     return str(path)
 
 
+def tiny_teacher_options(root, seed=123, steps=2, edit_state=None):
+    """``tests/data/options/tiny_teacher.yml`` as a dict whose ``ckpt`` keys point at seeded random weights
+    saved under ``root`` (``unet.pth``, ``autoencoder.pth``), with ``sampler.steps = steps``.
+
+    edit_state(block, state_dict), if given, may change a state dict in place before it is saved.
+    """
+    import torch
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    import dtkd_arch  # noqa: F401  (registers the architectures)
+
+    with open(os.path.join(REPO, 'tests', 'data', 'options', 'tiny_teacher.yml')) as f:
+        opt = yaml.safe_load(f)
+    torch.manual_seed(seed)
+    for block in ('unet', 'autoencoder'):
+        params = {k: v for k, v in opt[block].items() if k not in ('type', 'ckpt')}
+        state = ARCH_REGISTRY.get(opt[block]['type'])(**params).state_dict()
+        if edit_state is not None:
+            edit_state(block, state)
+        path = os.path.join(str(root), f'{block}.pth')
+        torch.save(state, path)
+        opt[block]['ckpt'] = path
+    opt['sampler']['steps'] = steps
+    return opt
+
+
 def read_keys(name):
     """[(key, shape)] from a ``tests/data`` key list (one ``key<TAB>(d0, d1, ...)`` per line)."""
     rows = []

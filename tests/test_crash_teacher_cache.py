@@ -14,9 +14,8 @@ import forking
 import lmdb
 import pytest
 import torch
-import yaml
 
-from conftest import REPO, bicubic_down, photo, write_rgb
+from conftest import bicubic_down, photo, tiny_teacher_options, write_rgb
 from dtkd_data.lmdb_tools import lmdb_is_complete
 from dtkd_model.teacher_cache import RECORD_NAME, generate_teacher_outputs
 
@@ -26,20 +25,8 @@ CROPS = [('astronaut', 100, 180), ('coffee', 150, 200), ('chelsea', 80, 200), ('
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
-    from basicsr.utils.registry import ARCH_REGISTRY
-
-    import dtkd_arch  # noqa: F401
-
     root = tmp_path_factory.mktemp('cache_kill')
-    with open(os.path.join(REPO, 'tests', 'data', 'options', 'tiny_teacher.yml')) as f:
-        opt = yaml.safe_load(f)
-    torch.manual_seed(123)
-    for block in ('unet', 'autoencoder'):
-        params = {k: v for k, v in opt[block].items() if k not in ('type', 'ckpt')}
-        path = str(root / f'{block}.pth')
-        torch.save(ARCH_REGISTRY.get(opt[block]['type'])(**params).state_dict(), path)
-        opt[block]['ckpt'] = path
-    opt['sampler']['steps'] = 2
+    opt = tiny_teacher_options(root, seed=123, steps=2)
     for i, (name, y, x) in enumerate(CROPS):
         gt = photo(name)[y:y + 64, x:x + 64]
         write_rgb(str(root / 'gt' / f'k{i}.png'), gt)

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-import yaml
 
-from conftest import TINY_STUDENT, photo, write_yaml
+from conftest import TINY_STUDENT, photo, tiny_teacher_options, write_yaml
 from dtkd_arch.fast_swinir_arch import FastSwinIR
 from dtkd_model import infer
 
@@ -211,19 +210,9 @@ def test_unreadable_images_are_reported_and_the_batch_goes_on(student, tmp_path,
 
 
 def test_teacher_runs_instead_of_a_student(tmp_path, capsys):
-    from basicsr.utils.registry import ARCH_REGISTRY
-
     from dtkd_model.resshift_teacher import ResShiftTeacher
 
-    with open(os.path.join(os.path.dirname(__file__), 'data', 'options', 'tiny_teacher.yml')) as f:
-        opt = yaml.safe_load(f)
-    torch.manual_seed(123)
-    for block in ('unet', 'autoencoder'):
-        params = {k: v for k, v in opt[block].items() if k not in ('type', 'ckpt')}
-        torch.save(ARCH_REGISTRY.get(opt[block]['type'])(**params).state_dict(), tmp_path / f'{block}.pth')
-        opt[block]['ckpt'] = str(tmp_path / f'{block}.pth')
-    opt['sampler']['steps'] = 2
-    teacher_yml = write_yaml(tmp_path / 'teacher.yml', opt)
+    teacher_yml = write_yaml(tmp_path / 'teacher.yml', tiny_teacher_options(tmp_path, seed=123, steps=2))
     img = photo('chelsea')[120:136, 200:216]
     cv2.imwrite(str(tmp_path / 'c.png'), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     code, _, err = run(['-i', tmp_path / 'c.png', '-o', tmp_path / 'o', '--teacher', teacher_yml, '--seed', 5], capsys)

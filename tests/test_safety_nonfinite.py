@@ -13,9 +13,8 @@ import re
 import forking
 import pytest
 import torch
-import yaml
 
-from conftest import REPO, train_options, write_yaml
+from conftest import tiny_teacher_options, train_options, write_yaml
 
 DWT = {'type': 'DWTKDLoss', 'loss_weight': 2.0, 'level': 2, 'wavelet': 'haar', 'group_weights': [1, 2, 1]}
 
@@ -23,22 +22,12 @@ DWT = {'type': 'DWTKDLoss', 'loss_weight': 2.0, 'level': 2, 'wavelet': 'haar', '
 @pytest.fixture(scope='module')
 def nan_teacher(tmp_path_factory):
     """Tiny teacher option file whose autoencoder decoder has one NaN weight."""
-    from basicsr.utils.registry import ARCH_REGISTRY
-
-    import dtkd_arch  # noqa: F401
-
-    root = tmp_path_factory.mktemp('nan_teacher')
-    with open(os.path.join(REPO, 'tests', 'data', 'options', 'tiny_teacher.yml')) as f:
-        opt = yaml.safe_load(f)
-    torch.manual_seed(0)
-    for block in ('unet', 'autoencoder'):
-        params = {k: v for k, v in opt[block].items() if k not in ('type', 'ckpt')}
-        state = ARCH_REGISTRY.get(opt[block]['type'])(**params).state_dict()
+    def one_nan_weight(block, state):
         if block == 'autoencoder':
             state['decoder.conv_out.weight'][0, 0, 0, 0] = float('nan')
-        torch.save(state, root / f'{block}.pth')
-        opt[block]['ckpt'] = str(root / f'{block}.pth')
-    opt['sampler']['steps'] = 1
+
+    root = tmp_path_factory.mktemp('nan_teacher')
+    opt = tiny_teacher_options(root, seed=0, steps=1, edit_state=one_nan_weight)
     return write_yaml(root / 'nan_teacher.yml', opt)
 
 

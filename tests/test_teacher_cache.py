@@ -24,7 +24,7 @@ import yaml
 
 import dtkd_arch  # noqa: F401  (registers the architectures)
 import dtkd_data  # noqa: F401  (registers the datasets)
-from conftest import REPO, bicubic_down, photo, run_cli, write_rgb
+from conftest import REPO, bicubic_down, photo, run_cli, tiny_teacher_options, write_rgb, write_yaml
 from dtkd_data.lmdb_tools import read_meta_info, write_image_lmdb
 from dtkd_data.paired_teacher_dataset import PairedTeacherDataset
 from dtkd_model.teacher_cache import (
@@ -55,23 +55,8 @@ def one_thread():
 @pytest.fixture(scope='module')
 def teacher_opt(tmp_path_factory):
     """Tiny teacher option file whose ckpt keys point at seeded random weights."""
-    from basicsr.utils.registry import ARCH_REGISTRY
-
     root = tmp_path_factory.mktemp('tiny_teacher')
-    with open(TINY) as f:
-        opt = yaml.safe_load(f)
-    torch.manual_seed(123)
-    for block in ('unet', 'autoencoder'):
-        params = {k: v for k, v in opt[block].items() if k not in ('type', 'ckpt')}
-        net = ARCH_REGISTRY.get(opt[block]['type'])(**params)
-        path = str(root / f'{block}.pth')
-        torch.save(net.state_dict(), path)
-        opt[block]['ckpt'] = path
-    opt['sampler']['steps'] = STEPS
-    path = str(root / 'tiny_teacher.yml')
-    with open(path, 'w') as f:
-        yaml.safe_dump(opt, f, sort_keys=False)
-    return path
+    return write_yaml(root / 'tiny_teacher.yml', tiny_teacher_options(root, seed=123, steps=STEPS))
 
 
 @pytest.fixture(scope='module')
