@@ -36,7 +36,6 @@ from dtkd_model.teacher_cache import (
 )
 
 SCRIPT = os.path.join(REPO, 'scripts', 'generate_teacher_outputs.py')
-TINY = os.path.join(REPO, 'tests', 'data', 'options', 'tiny_teacher.yml')
 STEPS = 2
 # (key, photo, top, left, GT h, GT w): LQ 16x16, 16x16 and 12x20
 IMAGES = [('img0', 'astronaut', 100, 180, 64, 64), ('img1', 'coffee', 150, 200, 64, 64),
