@@ -1,42 +1,72 @@
-"""CPU kernels chosen for speed: fully connected layers through oneDNN.
+"""CPU kernels chosen for speed: fully connected layers through the faster of BLAS and oneDNN.
 
 ``torch.nn.functional.linear`` on the CPU calls the BLAS library torch was built with (MKL in the
-official wheels). On AMD CPUs MKL takes a slower code path: on the AMD EPYC (Zen 4) machine of the
-README's benchmarks a 2048 x 2048 fp32 product runs at about 210 GFLOP/s while oneDNN's 3x3
-convolutions reach about 450. ``linear`` therefore runs a fully connected layer on token rows
-``(..., C)`` as oneDNN's 1x1 convolution over a channels-last view of the same memory (no copy in
-or out): the same products and sums, equal to ``F.linear`` up to float rounding, with gradients.
-Measured there (``scripts/benchmark_student.py`` prints both variants): about 2x faster for the
-layer shapes of SwinIR-small and of ResShift's Swin blocks, forward and backward.
+official wheels). Which library is faster depends on the CPU and on the pass, and not by a little:
 
-``set_linear_backend('blas')`` (or the environment variable ``DTKD_CPU_LINEAR=blas``) restores
-``F.linear`` everywhere (process-wide), e.g. to compare on another CPU; ``'onednn'`` is the default.
-GPUs and other dtypes always use ``F.linear``.
+- On an AMD EPYC Zen 4 (AVX-512), MKL takes a slower code path: a 2048 x 2048 fp32 product runs at
+  about 210 GFLOP/s while oneDNN's convolutions reach about 450, and a fully connected layer run as
+  oneDNN's 1x1 convolution over a channels-last view of the same memory was about 2x faster than
+  ``F.linear`` for the layer shapes of SwinIR-small and of ResShift's Swin blocks, forward and
+  backward.
+- On an AMD EPYC Zen 3 (AVX2 only) the 1x1 convolution is still a little faster forward (its bias is
+  fused; ``F.linear`` copies the bias into the output first), but oneDNN's weight gradient of a
+  1x1 convolution over one tall "image" is about 3x slower than the BLAS product ``g^T x``.
+
+So by default (``'auto'``) each pass of each layer shape is measured once per process, the way
+cuDNN's benchmark mode picks convolution algorithms: the first time a (pass, dtype, row count
+rounded up to a power of two, input and output features, bias, threads) combination runs, every
+candidate runs once untimed and then ``_TRIALS`` times, interleaved, on the real data, and the
+fastest (by its best time) is kept for the rest of the process. The passes and their candidates:
+
+- forward: ``F.linear`` (BLAS) or the 1x1 convolution (oneDNN);
+- gradient of the input: ``g W`` as a BLAS product or as a 1x1 convolution with ``W^T``;
+- gradient of the weight: ``g^T x`` as a BLAS product or oneDNN's convolution weight gradient;
+- gradient of the bias: ``g.sum(0)`` (no choice).
+
+All candidates compute the same products and sums, so results agree up to float rounding, but a
+tuned run is not bitwise reproducible from one process to the next (the choice can differ when
+two candidates are about as fast). ``set_linear_backend('blas')`` or ``'onednn'`` (or the
+environment variable ``DTKD_CPU_LINEAR=blas|onednn|auto``) fixes the kernels for every layer,
+process-wide: 'blas' is ``F.linear`` itself, 'onednn' the 1x1 convolution with autograd's own
+convolution backward. :func:`linear_choices` lists what the tuner picked. GPUs, other dtypes and
+code traced by ``torch.compile`` always use ``F.linear``.
+
+bf16 on the CPU (:func:`cpu_supports_bf16`, :func:`warn_if_slow_bf16`): torch's bf16 kernels are
+fast only on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX). Elsewhere they fall back to
+generic code; on an AVX2-only AMD EPYC (Zen 3), with torch 2.14.1 and 2 threads, a 3x3
+convolution 160 -> 160 channels on 64x64 took 5.8 s in bf16 against 19 ms in fp32 (104 ms
+channels-last), a fully connected layer and a batched product about 6x longer than fp32,
+FastSwinIR about 9x and one ResShift UNet call about 160x.
 """
 import contextlib
+import functools
+import math
 import os
+import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-_BACKENDS = ('onednn', 'blas')
+_BACKENDS = ('auto', 'onednn', 'blas')
 _ENV = 'DTKD_CPU_LINEAR'
+_TRIALS = 5  # timed runs per candidate when a pass is tuned, after one untimed run (the best time counts)
 
 
 def _backend_from_environment():
-    name = os.environ.get(_ENV, 'onednn').strip().lower() or 'onednn'
+    name = os.environ.get(_ENV, 'auto').strip().lower() or 'auto'
     if name not in _BACKENDS:
         raise ValueError(f'environment variable {_ENV}={os.environ[_ENV]!r}: use one of {_BACKENDS}')
     return name
 
 
 _backend = _backend_from_environment()
+_choices = {}  # tuning key -> name of the fastest candidate
 
 
 def set_linear_backend(name):
-    """Select how ``linear`` runs on the CPU: 'onednn' (1x1 convolution, default) or 'blas' (``F.linear``).
-
-    Returns the previous setting."""
+    """Select how ``linear`` runs on the CPU: 'auto' (measured per layer shape, default), 'onednn'
+    (1x1 convolution) or 'blas' (``F.linear``). Returns the previous setting."""
     global _backend
     if name not in _BACKENDS:
         raise ValueError(f'linear backend must be one of {_BACKENDS}, got {name!r}')
@@ -58,25 +88,170 @@ def using_linear_backend(name):
         set_linear_backend(previous)
 
 
-def _use_onednn(x):
-    return (_backend == 'onednn' and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16)
+def linear_choices():
+    """What the 'auto' backend picked so far: {(pass, dtype, rows, in, out, bias, threads): 'blas' | 'onednn'}.
+
+    pass is 'forward', 'grad_input' or 'grad_weight'; rows is the row count rounded up to a power of two."""
+    return dict(_choices)
+
+
+def reset_linear_choices():
+    """Forget the tuned choices (the next call of each pass measures again)."""
+    _choices.clear()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags():
+    """The CPU feature flags from /proc/cpuinfo (x86 'flags', Arm 'Features'), or None where unknown."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return parse_cpu_flags(f.read())
+    except OSError:
+        return None
+
+
+def parse_cpu_flags(text):
+    """The feature flags listed in /proc/cpuinfo text (a frozenset), or None if it lists none."""
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(':')
+        if key.strip() in ('flags', 'Features'):
+            flags.update(value.split())
+    return frozenset(flags) or None
+
+
+def cpu_supports_bf16():
+    """True when this CPU has native bf16 matrix instructions (x86 AVX512-BF16 or AMX, Arm BF16), so
+    bf16 pays off; False when it has none or its features cannot be read."""
+    return bool({'avx512_bf16', 'amx_bf16', 'bf16'} & (_cpu_flags() or set()))
+
+
+def warn_if_slow_bf16(precision, device, option):
+    """Warn (once per message) when ``precision`` is 'bf16' on a CPU known to lack bf16 instructions.
+
+    option: what the user set, named in the message (e.g. 'sampler.precision'). Returns True if it warned.
+    """
+    if precision != 'bf16' or torch.device(device).type != 'cpu' or _cpu_flags() is None or cpu_supports_bf16():
+        return False
+    warnings.warn(f'{option}: bf16 on a CPU without bf16 matrix instructions (AVX512-BF16 or AMX): torch runs '
+                  'bf16 convolutions and matrix products in slow generic code here, typically 6x to 300x slower '
+                  'than fp32 (FastSwinIR about 9x, the ResShift UNet about 160x on an AVX2 CPU); use fp32 on '
+                  'this machine', RuntimeWarning, stacklevel=3)
+    return True
+
+
+def _cpu_kernel_dtype(x):
+    return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
+def _image(rows):
+    """(T, C) contiguous rows as the channels-last memory of a (1, C, T, 1) image (a view, no copy)."""
+    t, c = rows.shape
+    return rows.view(1, t, 1, c).permute(0, 3, 1, 2)
+
+
+def _rows(image, lead):
+    """(1, C, T, 1) convolution output back to (*lead, C) rows (a view when it is channels-last)."""
+    return image.permute(0, 2, 3, 1).reshape(*lead, image.shape[1])
+
+
+def _conv_linear(rows, weight, bias):
+    out = F.conv2d(_image(rows), weight.view(weight.shape[0], weight.shape[1], 1, 1), bias)
+    return _rows(out, rows.shape[:1])
+
+
+def _conv_weight_grad(grad, rows, weight):
+    w4 = weight.view(weight.shape[0], weight.shape[1], 1, 1)
+    return torch.ops.aten.convolution_backward(_image(grad), _image(rows), w4, None, [1, 1], [0, 0], [1, 1], False,
+                                               [0, 0], 1, [False, True, False])[1].view_as(weight)
+
+
+_FORWARD = {'blas': F.linear, 'onednn': _conv_linear}
+_GRAD_INPUT = {'blas': lambda g, w: torch.mm(g, w),
+               'onednn': lambda g, w: _conv_linear(g, w.t().contiguous(), None)}
+_GRAD_WEIGHT = {'blas': lambda g, x, w: torch.mm(g.t(), x), 'onednn': _conv_weight_grad}
+
+
+def _tuned(name, key, candidates, *args):
+    """Run the fastest of ``candidates`` (name -> function) for ``key``, measuring them on first use."""
+    key = (name,) + key
+    choice = _choices.get(key)
+    if choice is not None:
+        return candidates[choice](*args)
+    best, outputs = {}, {}
+    for fn in candidates.values():
+        fn(*args)  # the first call of a shape also builds oneDNN's kernel
+    for _ in range(_TRIALS):
+        for cand, fn in candidates.items():
+            start = time.perf_counter()
+            outputs[cand] = fn(*args)
+            elapsed = time.perf_counter() - start
+            best[cand] = min(best.get(cand, math.inf), elapsed)
+    choice = min(best, key=best.get)
+    _choices[key] = choice
+    return outputs[choice]
+
+
+def _key(rows, weight, has_bias):
+    bucket = 1 << max(0, (rows.shape[0] - 1).bit_length())
+    return (str(rows.dtype).replace('torch.', ''), bucket, weight.shape[1], weight.shape[0], has_bias,
+            torch.get_num_threads())
+
+
+class _TunedLinear(torch.autograd.Function):
+    """``F.linear`` on (T, in) rows whose forward and backward products each run the tuned kernel."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias):
+        ctx.save_for_backward(rows, weight)
+        ctx.has_bias = bias is not None
+        return _tuned('forward', _key(rows, weight, ctx.has_bias), _FORWARD, rows, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        rows, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        key = _key(rows, weight, ctx.has_bias)
+        grad_rows = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = _tuned('grad_input', key, _GRAD_INPUT, grad, weight)
+        if ctx.needs_input_grad[1]:
+            grad_weight = _tuned('grad_weight', key, _GRAD_WEIGHT, grad, rows, weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_rows, grad_weight, grad_bias
+
+
 def linear(x, weight, bias=None):
-    """``F.linear(x, weight, bias)`` (x: (..., in), weight: (out, in)); on the CPU through oneDNN."""
-    if not _use_onednn(x) or x.numel() == 0 or weight.dim() != 2:
+    """``F.linear(x, weight, bias)`` (x: (..., in), weight: (out, in)) with the CPU kernels of the backend."""
+    if (_backend == 'blas' or torch.compiler.is_compiling() or x.numel() == 0 or weight.dim() != 2
+            or not _cpu_kernel_dtype(x)):
         return F.linear(x, weight, bias)
     lead = x.shape[:-1]
     c = x.shape[-1]
     rows = x.reshape(-1, c)
     if rows.stride(-1) != 1 or rows.stride(0) != c:
         rows = rows.contiguous()
-    t = rows.shape[0]
-    # (T, C) rows are the channels-last layout of a (1, C, T, 1) image.
-    image = rows.view(1, t, 1, c).permute(0, 3, 1, 2)
-    out = F.conv2d(image, weight.view(weight.shape[0], c, 1, 1), bias)
-    return out.permute(0, 2, 3, 1).reshape(*lead, weight.shape[0])
+    if _backend == 'onednn':
+        return _conv_linear(rows, weight, bias).view(*lead, weight.shape[0])
+    if torch.is_autocast_enabled('cpu'):
+        # the autograd function below is opaque to autocast: cast as autocast casts F.linear's inputs
+        dtype = torch.get_autocast_dtype('cpu')
+        if dtype not in (torch.float32, torch.bfloat16):
+            return F.linear(x, weight, bias)
+        rows, weight = rows.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if rows.dtype != weight.dtype or (bias is not None and bias.dtype != rows.dtype):
+        return F.linear(x, weight, bias)  # let torch report (or handle) mixed dtypes
+    needs_grad = torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if needs_grad:
+        out = _TunedLinear.apply(rows, weight, bias)
+    else:
+        out = _tuned('forward', _key(rows, weight, bias is not None), _FORWARD, rows, weight, bias)
+    return out.view(*lead, weight.shape[0])
 
 
 class Linear(torch.nn.Linear):

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 from basicsr.utils.registry import ARCH_REGISTRY
 
-from dtkd_arch.cpu_ops import Linear
+from dtkd_arch.cpu_ops import Linear, cpu_supports_bf16, warn_if_slow_bf16  # noqa: F401 (re-export)
 
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 UPSAMPLERS = ('pixelshuffle', 'pixelshuffledirect', 'nearest+conv', '')
@@ -847,6 +847,8 @@ class FastSwinIR(nn.Module):
                 self._compiled = torch.compile(self._forward_padded, dynamic=None)
             run = self._compiled
         dtype = PRECISIONS[self.precision]
+        if dtype == torch.bfloat16 and x.device.type == 'cpu':
+            warn_if_slow_bf16('bf16', 'cpu', "FastSwinIR precision 'bf16' (network_g.precision or --precision)")
         if dtype != torch.float32 and dtype != x.dtype:
             with torch.autocast(device_type=x.device.type, dtype=dtype):
                 y = run(y)
@@ -871,13 +873,3 @@ def set_precision(model, precision):
         if isinstance(m, FastSwinIR):
             m.precision = precision
     return model
-
-
-def cpu_supports_bf16():
-    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX), so bf16 pays off."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return 'amx_bf16' in flags or 'avx512_bf16' in flags

@@ -52,8 +52,13 @@ def pick_device(name):
 
 
 def reduced_precisions(device):
-    """Reduced precisions worth timing: bf16 on CPU (fast with AMX), fp16 and bf16 on GPU."""
-    return ['fp16', 'bf16'] if device.type == 'cuda' else ['bf16']
+    """Reduced precisions worth timing: fp16 and bf16 on GPU; bf16 on CPUs with bf16 matrix instructions
+    (elsewhere torch's bf16 kernels are many times slower than fp32: see ``dtkd_arch.cpu_ops``)."""
+    from dtkd_arch.cpu_ops import cpu_supports_bf16
+
+    if device.type == 'cuda':
+        return ['fp16', 'bf16']
+    return ['bf16'] if cpu_supports_bf16() else []
 
 
 def check_precision(precision, device):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dtkd_arch.cpu_ops import warn_if_slow_bf16
 from dtkd_compat import OptionError, atomic_write
 from dtkd_model.tiling import forward_padded, tiled_forward
 
@@ -190,6 +191,7 @@ class StudentRunner:
         self.autocast = None
         if precision != 'fp32' and not hasattr(net, 'precision'):
             self.autocast = {'bf16': torch.bfloat16, 'fp16': torch.float16}[precision]
+            warn_if_slow_bf16(precision, device, "--precision 'bf16'")
 
     def _forward(self, x):
         if self.autocast is not None:

@@ -30,6 +30,7 @@ import yaml
 from torch import nn
 
 import dtkd_compat  # noqa: F401  (must precede basicsr)
+from dtkd_arch.cpu_ops import warn_if_slow_bf16
 from dtkd_compat import OptionError
 from dtkd_model.resshift_diffusion import DIFFUSION_DEFAULTS, DiffusionOptionError, ResShiftDiffusion
 
@@ -254,6 +255,8 @@ class ResShiftTeacher(nn.Module):
         if precision == 'fp16' and device.type != 'cuda':
             raise TeacherOptionError("sampler.precision: 'fp16' autocast needs a CUDA device; use 'bf16' or 'fp32' "
                                      f'on {device.type}')
+        warn_if_slow_bf16(precision, device, "ResShift teacher precision 'bf16' (sampler.precision or a precision "
+                          'override)')
         return precision
 
     def set_steps(self, steps=None):

@@ -37,14 +37,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from basicsr.archs.swinir_arch import SwinIR  # noqa: E402
 
-from dtkd_arch.cpu_ops import using_linear_backend  # noqa: E402
+from dtkd_arch.cpu_ops import linear_choices, using_linear_backend  # noqa: E402
 from dtkd_arch.fast_swinir_arch import FastSwinIR, cpu_supports_bf16  # noqa: E402
 
 STUDENT = dict(upscale=4, img_size=64, window_size=8, img_range=1., depths=[6, 6, 6, 6], embed_dim=60,
                num_heads=[6, 6, 6, 6], mlp_ratio=2, upsampler='pixelshuffledirect', resi_connection='1conv')
 PAPER_LATENCY_MS = 19.09  # SwinIR-small inference time reported in the DTKD paper (its GPU)
-# FastSwinIR with its fully connected layers in the BLAS library (F.linear) instead of oneDNN (dtkd_arch.cpu_ops)
-BLAS_VARIANT = 'FastSwinIR fp32, BLAS linear'
+# FastSwinIR fp32 with every fully connected layer fixed to one library instead of the per-shape choice of
+# dtkd_arch.cpu_ops ('auto'): BLAS (F.linear) or oneDNN (1x1 convolution)
+LINEAR_VARIANTS = {'FastSwinIR fp32, BLAS linear': 'blas', 'FastSwinIR fp32, oneDNN linear': 'onednn'}
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'camera', 'brick')
 
 
@@ -187,7 +188,7 @@ def inference(ref, fast, device, args):
     for size in args.sizes:
         x = torch.rand(1, 3, size, size, device=device)
 
-        def runner(model, x=x, linear='onednn'):
+        def runner(model, x=x, linear='auto'):
             def run():
                 with using_linear_backend(linear), torch.inference_mode():
                     model(x)
@@ -196,7 +197,7 @@ def inference(ref, fast, device, args):
         fns = {'BasicSR SwinIR fp32': runner(ref)}
         fns.update({f'FastSwinIR {p}': runner(m) for p, m in fast.items()})
         if device == 'cpu' and 'fp32' in fast:
-            fns[BLAS_VARIANT] = runner(fast['fp32'], linear='blas')
+            fns.update({name: runner(fast['fp32'], linear=b) for name, b in LINEAR_VARIANTS.items()})
         times = interleaved(fns, args.repeats, args.warmup, device)
         extra = None
         if device == 'cuda' and size == 64:
@@ -213,16 +214,19 @@ def training(device, args):
         model.load_state_dict(ref.state_dict())
         models[f'FastSwinIR {precision}'] = model.to(device).train()
     if device == 'cpu':
-        model = FastSwinIR(**STUDENT, use_compile=args.compile)
-        model.load_state_dict(ref.state_dict())
-        models[BLAS_VARIANT] = model.to(device).train()
+        for name in LINEAR_VARIANTS:
+            model = FastSwinIR(**STUDENT, use_compile=args.compile)
+            model.load_state_dict(ref.state_dict())
+            models[name] = model.to(device).train()
     x = torch.rand(args.batch, 3, 64, 64, device=device)
     gt = torch.rand(args.batch, 3, 256, 256, device=device)
     fns = {}
     for name, model in models.items():
         opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.99))
 
-        def step(model=model, opt=opt, linear='blas' if name == BLAS_VARIANT else 'onednn'):
+        linear = LINEAR_VARIANTS.get(name, 'auto')
+
+        def step(model=model, opt=opt, linear=linear):
             with using_linear_backend(linear):
                 opt.zero_grad(set_to_none=True)
                 loss = F.l1_loss(model(x), gt)
@@ -232,6 +236,18 @@ def training(device, args):
     times = interleaved(fns, args.train_iters, args.train_warmup, device)
     table(f'Training iteration, {device}: forward + L1 + backward + Adam, batch {args.batch}, 64x64 LR',
           times, 'BasicSR SwinIR fp32')
+
+
+def print_linear_choices():
+    """What the 'auto' linear backend picked, per pass: how many layer shapes went to each library."""
+    counts = {}
+    for (pass_, *_), choice in linear_choices().items():
+        counts.setdefault(pass_, {}).setdefault(choice, 0)
+        counts[pass_][choice] += 1
+    if counts:
+        parts = [f'{p}: ' + ', '.join(f'{c} {n}' for c, n in sorted(v.items())) for p, v in counts.items()]
+        print(f'\nFully connected layers, per-shape choice of the default (auto) backend: {"; ".join(parts)} '
+              '(layer shapes x row counts)')
 
 
 def main():
@@ -275,6 +291,8 @@ def main():
             inference(ref, fast, device, args)
         if not args.no_train:
             training(device, args)
+        if device == 'cpu':
+            print_linear_choices()
 
 
 if __name__ == '__main__':
