@@ -1,7 +1,9 @@
 """Cost of distillation per training iteration: DTKDModel (cached teacher) vs BasicSR's SRModel.
 
 Both models train the same student on the same batch; their iterations are interleaved so that
-machine noise hits both alike, and the medians and their ratio are printed as Markdown.
+machine noise hits both alike, and the medians and their ratio are printed as Markdown. The DWT
+distillation loss alone (forward and backward on a student output and a teacher output of the
+batch's GT size, median of ``--loss-repeats``) is printed with its share of a DTKDModel iteration.
 
     python scripts/benchmark_train_step.py [--batch 4] [--lr-size 64] [--iters 20] [--device cpu]
 """
@@ -43,6 +45,7 @@ def main():
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--arch', default='SwinIR', help='student arch (SwinIR or FastSwinIR)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--loss-repeats', type=int, default=30, help='timed runs of the DWT loss alone')
     args = parser.parse_args()
 
     register_all()
@@ -74,6 +77,25 @@ def main():
     print('|---|---|---|')
     for name in ('SRModel', 'DTKDModel'):
         print(f'| {name} | {med[name]:.1f} | {med[name] / med["SRModel"]:.3f} |')
+    loss_ms = time_kd_loss(models['DTKDModel'].cri_kd, gt.to(args.device), args.loss_repeats, sync)
+    print(f'\nDWT loss alone (forward + backward, {tuple(gt.shape)}, median of {args.loss_repeats}): {loss_ms:.2f} ms, '
+          f'{loss_ms / med["DTKDModel"]:.1%} of a DTKDModel iteration')
+
+
+def time_kd_loss(loss, gt, repeats, sync):
+    """Median ms of ``loss(student, teacher)`` forward and backward on tensors of ``gt``'s shape."""
+    student = (gt + 0.02 * torch.randn_like(gt)).requires_grad_()
+    teacher = (gt + 0.05 * torch.randn_like(gt)).clamp(0, 1)
+    times = []
+    for i in range(repeats + 3):
+        student.grad = None
+        sync()
+        t0 = time.perf_counter()
+        loss(student, teacher).backward()
+        sync()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 if __name__ == '__main__':

@@ -154,3 +154,20 @@ def test_benchmark_student_runs_every_variant():
     # FastSwinIR fp32 equals BasicSR on the photographs (max abs column of the accuracy table)
     accuracy = table_rows(out.split('### Accuracy')[1].split('###')[0])
     assert accuracy and all(float(r[1]) < 1e-4 for r in accuracy)
+
+
+def test_benchmark_train_step_reports_the_cost_of_distillation():
+    """SRModel against DTKDModel on one tiny batch, and the DWT loss alone with its share of an iteration."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, os.path.join(REPO, 'scripts', 'benchmark_train_step.py'), '--device', 'cpu', '--iters', '1',
+           '--warmup', '1', '--lr-size', '8', '--batch', '1', '--arch', 'FastSwinIR', '--loss-repeats', '2']
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+    rows = {r[0]: r for r in table_rows(out)}
+    assert set(rows) == {'SRModel', 'DTKDModel'} and rows['SRModel'][2] == '1.000'
+    assert float(rows['DTKDModel'][1]) > 0
+    line = re.search(r'DWT loss alone \(forward \+ backward, \(1, 3, 32, 32\), median of 2\): ([0-9.]+) ms, '
+                     r'([0-9.]+)% of a DTKDModel iteration', out)
+    assert line and float(line.group(1)) > 0
+    assert float(line.group(2)) == pytest.approx(100 * float(line.group(1)) / float(rows['DTKDModel'][1]), abs=0.06)
