@@ -16,7 +16,8 @@ So by default (``'auto'``) each pass of each layer shape is measured once per pr
 cuDNN's benchmark mode picks convolution algorithms: the first time a (pass, dtype, row count
 rounded up to a power of two, input and output features, bias, threads) combination runs, every
 candidate runs once untimed and then ``_TRIALS`` times, interleaved, on the real data, and the
-fastest (by its best time) is kept for the rest of the process. The passes and their candidates:
+fastest (by its best time) is kept for the rest of the process; it then runs once more for the result,
+so that measuring holds no more memory than a plain call. The passes and their candidates:
 
 - forward: ``F.linear`` (BLAS) or the 1x1 convolution (oneDNN);
 - gradient of the input: ``g W`` as a BLAS product or as a 1x1 convolution with ``W^T``;
@@ -179,18 +180,17 @@ def _tuned(name, key, candidates, *args):
     choice = _choices.get(key)
     if choice is not None:
         return candidates[choice](*args)
-    best, outputs = {}, {}
+    best = {}
     for fn in candidates.values():
         fn(*args)  # the first call of a shape also builds oneDNN's kernel
     for _ in range(_TRIALS):
         for cand, fn in candidates.items():
             start = time.perf_counter()
-            outputs[cand] = fn(*args)
-            elapsed = time.perf_counter() - start
-            best[cand] = min(best.get(cand, math.inf), elapsed)
+            fn(*args)  # the result is dropped at once: measuring holds no more memory than a plain call
+            best[cand] = min(best.get(cand, math.inf), time.perf_counter() - start)
     choice = min(best, key=best.get)
     _choices[key] = choice
-    return outputs[choice]
+    return candidates[choice](*args)
 
 
 def _key(rows, weight, has_bias):

@@ -94,10 +94,10 @@ def test_tuner_measures_once_and_keeps_the_fastest(monkeypatch):
     monkeypatch.setattr(cpu_ops, '_FORWARD', {'slow': slow, 'fast': fast})
     x, w = torch.randn(10, 4), torch.randn(3, 4)
     with cpu_ops.using_linear_backend('auto'), torch.no_grad():
-        first = cpu_ops.linear(x, w)
-        assert calls == {'slow': 1 + cpu_ops._TRIALS, 'fast': 1 + cpu_ops._TRIALS}
-        second = cpu_ops.linear(x, w)
+        first = cpu_ops.linear(x, w)  # each candidate: one untimed and _TRIALS timed runs; the winner once more
         assert calls == {'slow': 1 + cpu_ops._TRIALS, 'fast': 2 + cpu_ops._TRIALS}
+        second = cpu_ops.linear(x, w)
+        assert calls == {'slow': 1 + cpu_ops._TRIALS, 'fast': 3 + cpu_ops._TRIALS}
         cpu_ops.linear(torch.randn(12, 4), w)  # 12 rows fall in the same power-of-two bucket (16)
         assert calls['slow'] == 1 + cpu_ops._TRIALS
         cpu_ops.linear(torch.randn(40, 4), w)  # another bucket: measured again
