@@ -4,6 +4,9 @@ Measured side by side in one run: every round runs each variant once, in a rotat
 that machine noise hits all variants alike; the tables give medians and the median of per-round
 speed-ups. Also checks that FastSwinIR fp32 equals BasicSR's SwinIR on the same weights, and the
 PSNR of the reduced-precision output against fp32 on photographs shipped with scikit-image.
+On the CPU, FastSwinIR fp32 also runs with its fully connected layers fixed to BLAS and to oneDNN
+next to the default per-shape choice (``dtkd_arch.cpu_ops``), whose picks are printed at the end;
+bf16 is timed only on CPUs with bf16 instructions (elsewhere it is many times slower than fp32).
 
     python scripts/benchmark_student.py [--sizes 64 128] [--repeats 9] [--train-iters 7] [--threads 2]
         [--device auto|cpu|cuda] [--weights net_g.pth] [--compile] [--no-train] [--no-inference]
