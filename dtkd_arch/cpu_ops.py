@@ -195,8 +195,7 @@ def _tuned(name, key, candidates, *args):
 
 def _key(rows, weight, has_bias):
     bucket = 1 << max(0, (rows.shape[0] - 1).bit_length())
-    return (str(rows.dtype).replace('torch.', ''), bucket, weight.shape[1], weight.shape[0], has_bias,
-            torch.get_num_threads())
+    return (rows.dtype, bucket, weight.shape[1], weight.shape[0], has_bias, torch.get_num_threads())
 
 
 class _TunedLinear(torch.autograd.Function):

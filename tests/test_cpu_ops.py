@@ -104,8 +104,8 @@ def test_tuner_measures_once_and_keeps_the_fastest(monkeypatch):
         assert calls['slow'] == 2 + 2 * cpu_ops._TRIALS
     assert torch.equal(first, second) and torch.equal(first, F.linear(x, w))
     choices = cpu_ops.linear_choices()
-    assert choices == {('forward', 'float32', 16, 4, 3, False, torch.get_num_threads()): 'fast',
-                       ('forward', 'float32', 64, 4, 3, False, torch.get_num_threads()): 'fast'}
+    assert choices == {('forward', torch.float32, 16, 4, 3, False, torch.get_num_threads()): 'fast',
+                       ('forward', torch.float32, 64, 4, 3, False, torch.get_num_threads()): 'fast'}
 
 
 def test_linear_bf16_and_backend_switch(monkeypatch):
