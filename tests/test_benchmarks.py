@@ -171,3 +171,26 @@ def test_benchmark_train_step_reports_the_cost_of_distillation():
                      r'([0-9.]+)% of a DTKDModel iteration', out)
     assert line and float(line.group(1)) > 0
     assert float(line.group(2)) == pytest.approx(100 * float(line.group(1)) / float(rows['DTKDModel'][1]), abs=0.06)
+
+
+def test_benchmark_cpu_kernels_tables(capsys):
+    """Both libraries for every layer shape and pass, the tuner's pick, and the bf16 / fp32 table."""
+    script = load_script('benchmark_cpu_kernels')
+    assert script.main(['--rows', '96', '--layers', '12x36', '20x8', '--repeats', '1', '--conv', '4x8',
+                        '--threads', '1']) == 0
+    out = capsys.readouterr().out
+    assert 'Machine:' in out and 'bf16 instructions' in out
+    linear = table_rows(out.split('### Fully connected')[1].split('###')[0])
+    assert [(r[0], r[1]) for r in linear] == [(layer, p) for layer in ('12 -> 36', '20 -> 8')
+                                              for p in ('forward', 'grad_input', 'grad_weight')]
+    for row in linear:
+        assert float(row[2]) >= 0 and float(row[3]) >= 0 and float(row[4]) > 0  # ms rounded to 0.01
+        assert row[5] in ('blas', 'onednn')
+    bf16 = table_rows(out.split('### bf16')[1])
+    assert [r[0].split(',')[0] for r in bf16] == ['3x3 convolution 4 -> 4', '3x3 convolution 4 -> 4',
+                                                 'fully connected 4096 x 192 -> 768',
+                                                 'batched product 384 x (64 x 32) x (32 x 64)']
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 and r[3].endswith('x') for r in bf16)
+    with pytest.raises(SystemExit):
+        script.main(['--layers', '60x'])
+    assert 'INxOUT' in capsys.readouterr().err

@@ -1,0 +1,139 @@
+"""The CPU kernels behind DTKD's speed choices, timed side by side on this machine.
+
+1. Fully connected layers: for each layer shape and pass (forward, input gradient, weight gradient),
+   the BLAS library (MKL in torch's wheels) against oneDNN, the two candidates between which
+   ``dtkd_arch.cpu_ops`` picks per shape; with the pick of its default ('auto') backend.
+2. bf16 against fp32 for a 3x3 convolution (NCHW and channels-last), a fully connected layer and a
+   batched matrix product: the ratio is large on CPUs without bf16 instructions (AVX512-BF16 or AMX),
+   which is why DTKD warns when bf16 is asked for there.
+
+    python scripts/benchmark_cpu_kernels.py [--rows 16384] [--layers 60x180 60x60 60x120 120x60]
+        [--repeats 7] [--threads 2] [--no-bf16] [--conv 160x64]
+
+Rounds are interleaved (every candidate once per round) and the tables give medians in ms.
+The default layer shapes are SwinIR-small's (qkv, proj, fc1, fc2) at a training batch of 4 x 64 x 64 tokens.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dtkd_compat  # noqa: E402, F401  (must precede basicsr)
+
+# isort: split
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from dtkd_arch import cpu_ops  # noqa: E402
+from dtkd_model.benchmarking import machine_description, markdown_table  # noqa: E402
+
+PASSES = (('forward', cpu_ops._FORWARD), ('grad_input', cpu_ops._GRAD_INPUT), ('grad_weight', cpu_ops._GRAD_WEIGHT))
+
+
+def interleaved(fns, repeats):
+    """{name: callable} -> {name: median seconds}; one untimed round, then ``repeats`` interleaved rounds."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def pair(form):
+    """An argparse type for 'AxB' (two positive integers); ``form`` names them in the error."""
+    def parse(text):
+        try:
+            a, b = (int(v) for v in text.lower().split('x'))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected {form}, got {text!r}') from None
+        if a < 1 or b < 1:
+            raise argparse.ArgumentTypeError(f'expected {form} with positive numbers, got {text!r}')
+        return a, b
+    return parse
+
+
+def linear_table(rows, layers, repeats):
+    """Markdown rows: layer, pass, BLAS ms, oneDNN ms, BLAS / oneDNN, and what the tuner picks."""
+    out = []
+    cpu_ops.reset_linear_choices()
+    for cin, cout in layers:
+        x = torch.randn(rows, cin)
+        w = torch.randn(cout, cin) * cin ** -0.5
+        b = torch.randn(cout)
+        g = torch.randn(rows, cout)
+        args = {'forward': (x, w, b), 'grad_input': (g, w), 'grad_weight': (g, x, w)}
+        with cpu_ops.using_linear_backend('auto'):
+            xi, wi, bi = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+            cpu_ops.linear(xi, wi, bi).backward(g)  # lets the tuner choose, as in a training step
+        picks = {key[0]: choice for key, choice in cpu_ops.linear_choices().items()
+                 if key[3:5] == (cin, cout)}
+        for name, candidates in PASSES:
+            med = interleaved({c: (lambda fn=fn, a=args[name]: fn(*a)) for c, fn in candidates.items()}, repeats)
+            out.append([f'{cin} -> {cout}', name, f'{med["blas"] * 1e3:.2f}', f'{med["onednn"] * 1e3:.2f}',
+                        f'{med["blas"] / med["onednn"]:.2f}', picks.get(name, '-')])
+    return out
+
+
+def bf16_table(conv, repeats):
+    """Markdown rows: operation, fp32 ms, bf16 ms, bf16 / fp32."""
+    channels, side = conv
+    x = torch.randn(1, channels, side, side)
+    w = torch.randn(channels, channels, 3, 3) * 0.05
+    cl = torch.channels_last
+    a, lw = torch.randn(4096, 192), torch.randn(768, 192) * 0.07
+    q, k = torch.randn(384, 64, 32), torch.randn(384, 32, 64)
+    ops = {
+        f'3x3 convolution {channels} -> {channels}, {side}x{side}, NCHW':
+            lambda t: F.conv2d(x.to(t), w.to(t), padding=1),
+        f'3x3 convolution {channels} -> {channels}, {side}x{side}, channels-last':
+            lambda t: F.conv2d(x.to(t).contiguous(memory_format=cl), w.to(t).contiguous(memory_format=cl), padding=1),
+        'fully connected 4096 x 192 -> 768': lambda t: F.linear(a.to(t), lw.to(t)),
+        'batched product 384 x (64 x 32) x (32 x 64)': lambda t: torch.bmm(q.to(t), k.to(t)),
+    }
+    out = []
+    with torch.no_grad():
+        for name, op in ops.items():
+            med = interleaved({'fp32': lambda op=op: op(torch.float32), 'bf16': lambda op=op: op(torch.bfloat16)},
+                              repeats)
+            ratio = med['bf16'] / med['fp32']
+            out.append([name, f'{med["fp32"] * 1e3:.2f}', f'{med["bf16"] * 1e3:.2f}', f'{ratio:.1f}x'])
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--rows', type=int, default=16384, help='token rows of the fully connected layers')
+    parser.add_argument('--layers', type=pair('INxOUT (e.g. 60x180)'), nargs='+',
+                        default=[(60, 180), (60, 60), (60, 120), (120, 60)],
+                        help='layer shapes IN x OUT (default: SwinIR-small)')
+    parser.add_argument('--repeats', type=int, default=7, help='timed rounds (median reported)')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    parser.add_argument('--no-bf16', action='store_true', help='skip the bf16 table (slow without bf16 instructions)')
+    parser.add_argument('--conv', type=pair('CHANNELSxSIDE (e.g. 160x64)'), default=(160, 64), metavar='CHANNELSxSIDE',
+                        help='the bf16 table convolution: channels x image side (default 160x64)')
+    args = parser.parse_args(argv)
+    if args.rows < 1 or args.repeats < 1:
+        parser.error('--rows and --repeats must be positive')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f'Machine: {machine_description(torch.device("cpu"))}; bf16 instructions (AVX512-BF16, AMX or Arm BF16): '
+          f'{cpu_ops.cpu_supports_bf16()}\n')
+    print(f'### Fully connected layers, {args.rows} rows, fp32 (median ms of {args.repeats})\n')
+    print(markdown_table(['layer', 'pass', 'BLAS', 'oneDNN', 'BLAS / oneDNN', 'auto picks'],
+                         linear_table(args.rows, args.layers, args.repeats)))
+    if not args.no_bf16:
+        print(f'\n### bf16 against fp32 (median ms of {args.repeats})\n')
+        print(markdown_table(['operation', 'fp32', 'bf16', 'bf16 / fp32'], bf16_table(args.conv, args.repeats)))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
