@@ -8,9 +8,10 @@ official wheels). Which library is faster depends on the CPU and on the pass, an
   oneDNN's 1x1 convolution over a channels-last view of the same memory was about 2x faster than
   ``F.linear`` for the layer shapes of SwinIR-small and of ResShift's Swin blocks, forward and
   backward.
-- On an AMD EPYC Zen 3 (AVX2 only) the 1x1 convolution is still a little faster forward (its bias is
-  fused; ``F.linear`` copies the bias into the output first), but oneDNN's weight gradient of a
-  1x1 convolution over one tall "image" is about 3x slower than the BLAS product ``g^T x``.
+- On an AMD EPYC Zen 3 (AVX2 only) the 1x1 convolution is still about 1.1x faster forward (its bias
+  is fused; ``F.linear`` copies the bias into the output first), but oneDNN's weight gradient of a
+  1x1 convolution over one tall "image" is 2.4x to 7x slower than the BLAS product ``g^T x``
+  (``scripts/benchmark_cpu_kernels.py`` prints these per layer shape and pass).
 
 So by default (``'auto'``) each pass of each layer shape is measured once per process, the way
 cuDNN's benchmark mode picks convolution algorithms: the first time a (pass, dtype, row count
@@ -35,8 +36,8 @@ code traced by ``torch.compile`` always use ``F.linear``.
 bf16 on the CPU (:func:`cpu_supports_bf16`, :func:`warn_if_slow_bf16`): torch's bf16 kernels are
 fast only on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX). Elsewhere they fall back to
 generic code; on an AVX2-only AMD EPYC (Zen 3), with torch 2.14.1 and 2 threads, a 3x3
-convolution 160 -> 160 channels on 64x64 took 5.8 s in bf16 against 19 ms in fp32 (104 ms
-channels-last), a fully connected layer and a batched product about 6x longer than fp32,
+convolution 160 -> 160 channels on 64x64 took 5.7 s in bf16 against 17 ms in fp32 (7.5x as long
+channels-last), a fully connected layer 10x and a batched product 20x as long as in fp32,
 FastSwinIR about 9x and one ResShift UNet call about 160x.
 """
 import contextlib
@@ -135,7 +136,7 @@ def warn_if_slow_bf16(precision, device, option):
     if precision != 'bf16' or torch.device(device).type != 'cpu' or _cpu_flags() is None or cpu_supports_bf16():
         return False
     warnings.warn(f'{option}: bf16 on a CPU without bf16 matrix instructions (AVX512-BF16 or AMX): torch runs '
-                  'bf16 convolutions and matrix products in slow generic code here, typically 6x to 300x slower '
+                  'bf16 convolutions and matrix products in slow generic code here, typically 7x to 300x slower '
                   'than fp32 (FastSwinIR about 9x, the ResShift UNet about 160x on an AVX2 CPU); use fp32 on '
                   'this machine', RuntimeWarning, stacklevel=3)
     return True
