@@ -218,7 +218,8 @@ def add_teacher_run_arguments(parser):
     parser.add_argument('--lr-size', default='64', help='LR input size: N or HxW (default 64)')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:1'")
     parser.add_argument('--precision', nargs='+', default=None,
-                        help='precisions (default: fp32 plus bf16 on CPU, fp16 and bf16 on GPU)')
+                        help='precisions (default: fp32, plus fp16 and bf16 on GPU and bf16 on CPUs with bf16 '
+                             'instructions)')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
 
 
