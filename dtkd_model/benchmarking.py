@@ -125,6 +125,27 @@ class PeakMemory:
         return False
 
 
+def interleaved(fns, repeats, warmup, device):
+    """fns: {name: callable}. Returns {name: [seconds per round]}: ``warmup`` untimed rounds, then
+    ``repeats`` timed rounds, each running every callable once in an order rotated from round to round
+    (so that machine noise hits all alike); ``device`` (torch.device or name) is synchronised around each call."""
+    device = torch.device(device)
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    sync(device)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def median_time(fn, device, repeats, warmup):
     """Median wall time (s) of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and all times."""
     for _ in range(warmup):

@@ -17,7 +17,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,22 +27,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dtkd_arch import cpu_ops  # noqa: E402
-from dtkd_model.benchmarking import machine_description, markdown_table  # noqa: E402
+from dtkd_model.benchmarking import interleaved, machine_description, markdown_table  # noqa: E402
 
 PASSES = (('forward', cpu_ops._FORWARD), ('grad_input', cpu_ops._GRAD_INPUT), ('grad_weight', cpu_ops._GRAD_WEIGHT))
 
 
-def interleaved(fns, repeats):
+def medians(fns, repeats):
     """{name: callable} -> {name: median seconds}; one untimed round, then ``repeats`` interleaved rounds."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return {name: statistics.median(v) for name, v in interleaved(fns, repeats, 1, 'cpu').items()}
 
 
 def pair(form):
@@ -72,12 +63,12 @@ def linear_table(rows, layers, repeats):
         with cpu_ops.using_linear_backend('auto'):
             xi, wi, bi = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
             cpu_ops.linear(xi, wi, bi).backward(g)  # lets the tuner choose, as in a training step
-        picks = {key[0]: choice for key, choice in cpu_ops.linear_choices().items()
-                 if key[3:5] == (cin, cout)}
+        key = cpu_ops._key(x, w, True)
+        picks = {p: cpu_ops.linear_choices().get((p,) + key, '-') for p, _ in PASSES}
         for name, candidates in PASSES:
-            med = interleaved({c: (lambda fn=fn, a=args[name]: fn(*a)) for c, fn in candidates.items()}, repeats)
+            med = medians({c: (lambda fn=fn, a=args[name]: fn(*a)) for c, fn in candidates.items()}, repeats)
             out.append([f'{cin} -> {cout}', name, f'{med["blas"] * 1e3:.2f}', f'{med["onednn"] * 1e3:.2f}',
-                        f'{med["blas"] / med["onednn"]:.2f}', picks.get(name, '-')])
+                        f'{med["blas"] / med["onednn"]:.2f}', picks[name]])
     return out
 
 
@@ -100,8 +91,8 @@ def bf16_table(conv, repeats):
     out = []
     with torch.no_grad():
         for name, op in ops.items():
-            med = interleaved({'fp32': lambda op=op: op(torch.float32), 'bf16': lambda op=op: op(torch.bfloat16)},
-                              repeats)
+            med = medians({'fp32': lambda op=op: op(torch.float32), 'bf16': lambda op=op: op(torch.bfloat16)},
+                          repeats)
             ratio = med['bf16'] / med['fp32']
             out.append([name, f'{med["fp32"] * 1e3:.2f}', f'{med["bf16"] * 1e3:.2f}', f'{ratio:.1f}x'])
     return out

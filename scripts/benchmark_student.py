@@ -28,7 +28,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,6 +41,7 @@ from basicsr.archs.swinir_arch import SwinIR  # noqa: E402
 
 from dtkd_arch.cpu_ops import linear_choices, using_linear_backend  # noqa: E402
 from dtkd_arch.fast_swinir_arch import FastSwinIR, cpu_supports_bf16  # noqa: E402
+from dtkd_model.benchmarking import interleaved  # noqa: E402
 
 STUDENT = dict(upscale=4, img_size=64, window_size=8, img_range=1., depths=[6, 6, 6, 6], embed_dim=60,
                num_heads=[6, 6, 6, 6], mlp_ratio=2, upsampler='pixelshuffledirect', resi_connection='1conv')
@@ -86,30 +86,6 @@ def steady_malloc():
     except (OSError, AttributeError):
         ok = False
     return 'glibc malloc, mmap threshold 32 MiB, no trimming' if ok else 'default allocator (mallopt failed)'
-
-
-def sync(device):
-    if device == 'cuda':
-        torch.cuda.synchronize()
-
-
-def interleaved(fns, repeats, warmup, device):
-    """fns: {name: callable}. Returns {name: [seconds per round]}, rounds interleaved, order rotated."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    sync(device)
-    times = {name: [] for name in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            sync(device)
-            t0 = time.perf_counter()
-            fns[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def table(title, times, baseline, extra=None):
