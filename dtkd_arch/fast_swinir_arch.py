@@ -54,6 +54,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 from basicsr.utils.registry import ARCH_REGISTRY
 
+from dtkd_arch import cpu_kernels
 from dtkd_arch.cpu_ops import Linear, cpu_supports_bf16, warn_if_slow_bf16  # noqa: F401 (re-export)
 
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -157,10 +158,12 @@ class _TokenPlan:
         self.order = {}  # layout -> raster index of each stream row
         self.groups = {}  # layout -> [(start_row, stop_row, pattern_index)]
         self.window_keys = {}  # layout -> (windows,) pattern index of each window, in stream order
+        self.window_patterns = {}  # layout -> (windows * batch,) int64 pattern index of each window of the stream
         shifts = [0] + ([shift_size] if shift_size > 0 else [])
         for layout, shift in enumerate(shifts):
             self.order[layout], self.groups[layout], self.window_keys[layout] = self._window_order(
                 window_size, shift, device)
+            self.window_patterns[layout] = self.window_keys[layout].repeat_interleave(batch)
         inverse = {}
         for layout, idx in self.order.items():
             inv = torch.empty_like(idx)
@@ -374,22 +377,26 @@ class _WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
         return bias.permute(2, 0, 1)
 
-    def folded_masks(self, patterns, dtype, device, differentiable):
+    def folded_masks(self, patterns, dtype, device, differentiable, transposed=False):
         """Additive masks (patterns, heads, N, N), bias plus shift pattern, for pattern indices 0..3.
 
         patterns: (4, N, N) shift patterns or None for a block without shift (then one mask). Without
-        ``differentiable`` the masks are cached until the bias table changes.
+        ``differentiable`` the masks are cached until the bias table changes. ``transposed``: each
+        (N, N) mask transposed (key by query, contiguous), as the compiled CPU kernel reads them.
         """
         if differentiable:
-            return self._fold(patterns, dtype, device)
+            masks = self._fold(patterns, dtype, device)
+            return masks.transpose(-2, -1).contiguous() if transposed else masks
         table, index = self.relative_position_bias_table, self.relative_position_index
-        key = (patterns is not None, dtype, device, table.data_ptr(), table._version, index.data_ptr(),
+        key = (patterns is not None, dtype, device, transposed, table.data_ptr(), table._version, index.data_ptr(),
                index._version)
         masks = self._mask_cache.get(key)
         if masks is None:
             # Cached tensors must outlive an inference_mode() call and serve later autograd calls.
             with torch.inference_mode(False), torch.no_grad():
                 masks = self._fold(patterns, dtype, device)
+                if transposed:
+                    masks = masks.transpose(-2, -1).contiguous()
             self._mask_cache[key] = masks
             while len(self._mask_cache) > _MASK_CACHE_SIZE:
                 self._mask_cache.popitem(last=False)
@@ -404,11 +411,13 @@ class _WindowAttention(nn.Module):
         return bias.to(device=device, dtype=dtype).contiguous()
 
     @torch.compiler.disable  # Python loops and caches: torch.compile would recompile them per block
-    def attend(self, qkv, groups, patterns, tokens_per_window, window_keys, batch):
+    def attend(self, qkv, groups, patterns, tokens_per_window, window_keys, batch, window_patterns=None):
         """Attention over windows of a window-ordered stream.
 
         qkv: (T, 3C) output of the qkv projection; groups: [(start, stop, pattern)] row slices;
-        window_keys: (windows,) pattern index of each window. Returns (T, C) in the same token order.
+        window_keys: (windows,) pattern index of each window; window_patterns: (windows * batch,) int64
+        pattern index of each window of the stream (``_TokenPlan.window_patterns``; needed by the
+        compiled CPU kernel). Returns (T, C) in the same token order.
         """
         n = tokens_per_window
         c = qkv.shape[1] // 3
@@ -416,6 +425,11 @@ class _WindowAttention(nn.Module):
         table = self.relative_position_bias_table
         grad = torch.is_grad_enabled() and (qkv.requires_grad or table.requires_grad)
         dropout = self.attn_drop.p if self.training else 0.
+        if (_CPU_ATTENTION and window_patterns is not None and qkv.device.type == 'cpu'
+                and cpu_kernels.supports(qkv, n, heads, dropout)):
+            masks_t = self.folded_masks(patterns, qkv.dtype, qkv.device, transposed=True,
+                                        differentiable=grad and table.requires_grad)
+            return cpu_kernels.window_attention(qkv, masks_t, window_patterns, heads, self.scale)
         if qkv.device.type == 'cpu' and dropout == 0 and _CPU_ATTENTION:
             if not grad:
                 masks = self.folded_masks(patterns, qkv.dtype, qkv.device, differentiable=False)
@@ -505,7 +519,8 @@ class _SwinBlock(nn.Module):
         qkv = attn.qkv(self.norm1(x))
         groups = plan.groups[self.layout]
         shifted = self.shift_size > 0
-        out = attn.attend(qkv, groups, patterns if shifted else None, n, plan.window_keys[self.layout], plan.batch)
+        out = attn.attend(qkv, groups, patterns if shifted else None, n, plan.window_keys[self.layout], plan.batch,
+                          plan.window_patterns[self.layout])
         y = attn.proj_drop(attn.proj(out))
         x = _add_drop_path(x, y, p, self.training, plan.batch, n)
         x = _add_drop_path(x, self.mlp(self.norm2(x)), p, self.training, plan.batch, n)

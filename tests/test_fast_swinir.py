@@ -24,6 +24,8 @@ CONFIGS = {
     'nearest_conv': dict(TINY, upsampler='nearest+conv', depths=[2], num_heads=[3]),
     'denoise_gray': dict(TINY, upscale=1, upsampler='', in_chans=1, img_range=255., patch_norm=False),
     'qk_scale_no_qkv_bias': dict(TINY, qk_scale=0.3, qkv_bias=False, depths=[2], num_heads=[2]),
+    # 49 tokens per window: not a multiple of 8, so the compiled CPU kernel leaves it to the PyTorch path
+    'window7': dict(TINY, window_size=7, img_size=28, depths=[2], num_heads=[2]),
 }
 ATOL = 1e-4
 
@@ -94,8 +96,11 @@ def test_eval_output_matches_basicsr(name, size):
     ref, fast = _pair(cfg, seed=2)
     ref.eval(), fast.eval()
     x = torch.rand(2, cfg.get('in_chans', 3), *size)
-    with torch.no_grad():
-        expected, got = ref(x), fast(x)
+    h, w = size
+    ws, s = cfg['window_size'], cfg['upscale'] if cfg['upsampler'] else 1
+    with torch.no_grad():  # BasicSR needs multiples of the window: reflect-pad its input, crop its output
+        expected = ref(F.pad(x, (0, -w % ws, 0, -h % ws), mode='reflect'))[:, :, :h * s, :w * s]
+        got = fast(x)
     assert got.shape == expected.shape
     scale = expected.abs().max().item()
     assert scale > 0.1  # non-trivial output, the tolerance below is meaningful
@@ -103,12 +108,26 @@ def test_eval_output_matches_basicsr(name, size):
     assert _max_diff(got, expected) < tol
 
 
-def test_paper_config_matches_basicsr_with_shifted_windows():
+@pytest.mark.parametrize('attention', ['compiled', 'pytorch'])
+def test_paper_config_matches_basicsr_with_shifted_windows(attention, monkeypatch):
+    import dtkd_arch.fast_swinir_arch as fast_arch
+    from dtkd_arch import cpu_kernels
+
+    if attention == 'compiled':
+        assert cpu_kernels.available(), cpu_kernels.build_error()
+    monkeypatch.setattr(cpu_kernels, '_enabled', attention == 'compiled')
+    calls = {'compiled': 0, 'pytorch': 0}
+    for name, module, attr in (('compiled', cpu_kernels, 'window_attention'),
+                               ('pytorch', fast_arch, 'window_attention_cpu')):
+        original = getattr(module, attr)
+        monkeypatch.setattr(module, attr, lambda *a, _f=original, _n=name, **k: calls.__setitem__(
+            _n, calls[_n] + 1) or _f(*a, **k))
     ref, fast = _pair(PAPER, seed=3, gain=0.7)
     ref.eval(), fast.eval()
-    x = torch.rand(1, 3, 24, 32)  # 3 x 4 windows: interior, border and corner shifted windows
+    x = torch.rand(2, 3, 24, 32)  # 3 x 4 windows: interior, border and corner shifted windows
     with torch.no_grad():
         assert _max_diff(fast(x), ref(x)) < ATOL
+    assert calls[attention] == sum(PAPER['depths']) and sum(calls.values()) == calls[attention]
 
 
 @pytest.mark.parametrize('img_size', [8, 4])
@@ -271,25 +290,36 @@ def test_inference_mode_then_training():
         assert _max_diff(out, ref(x)) < ATOL
 
 
+@pytest.mark.parametrize('attention', ['compiled', 'pytorch'])
 @pytest.mark.parametrize('cfg_name, size, batch', [
     ('paper_width', (24, 32), 3),  # 3 x 4 windows: interior, border and corner shifted windows
     ('paper_width', (8, 8), 2),  # one window: the shifted block has only the corner pattern
     ('window4_x3', (12, 20), 2),
+    ('window7', (14, 21), 2),
 ])
-def test_training_gradients_match_basicsr_tightly(cfg_name, size, batch, monkeypatch):
+def test_training_gradients_match_basicsr_tightly(cfg_name, size, batch, attention, monkeypatch):
     """All parameter gradients (relative position bias tables included) and the input gradient of the
-    CPU fp32 training path (fused forward, hand-written backward) against BasicSR's autograd."""
+    CPU fp32 training paths against BasicSR's autograd: the compiled kernel (``dtkd_arch.cpu_kernels``)
+    and the PyTorch one (fused forward, hand-written backward), which also serves windows of a size the
+    kernel does not take (7 x 7 = 49 tokens)."""
     import dtkd_arch.fast_swinir_arch as fast_arch
+    from dtkd_arch import cpu_kernels
 
     cfgs = {'paper_width': dict(PAPER, depths=[2, 2], num_heads=[6, 6], drop_path_rate=0.),
-            'window4_x3': dict(CONFIGS['pixelshuffle_x3_w4'], drop_path_rate=0.)}
+            'window4_x3': dict(CONFIGS['pixelshuffle_x3_w4'], drop_path_rate=0.),
+            'window7': dict(CONFIGS['window7'], drop_path_rate=0.)}
     cfg = cfgs[cfg_name]
     ref, fast = _pair(cfg, seed=11, gain=0.8)
     ref.train(), fast.train()
     calls = []
-    original = fast_arch._WindowAttentionFunction.apply
-    monkeypatch.setattr(fast_arch._WindowAttentionFunction, 'apply',
-                        lambda *args: calls.append(1) or original(*args))
+    if attention == 'compiled' and cfg_name != 'window7':
+        assert cpu_kernels.available(), cpu_kernels.build_error()
+        spied = cpu_kernels._WindowAttention
+    else:
+        monkeypatch.setattr(cpu_kernels, '_enabled', attention == 'compiled')
+        spied = fast_arch._WindowAttentionFunction
+    original = spied.apply
+    monkeypatch.setattr(spied, 'apply', lambda *args: calls.append(1) or original(*args))
     x = torch.rand(batch, 3, *size)
     target = torch.rand(batch, 3, size[0] * cfg['upscale'], size[1] * cfg['upscale'])
     grads_in = []

@@ -1,0 +1,166 @@
+"""Compiled CPU kernels (C++), built on first use: fused window attention for FastSwinIR.
+
+``window_attention(qkv, masks_t, pattern, heads, scale)`` computes ``softmax(q k^T scale + mask) v``
+for every window and head of FastSwinIR's window-ordered token stream in one pass per (window,
+head) that stays in a core's L1 cache (``dtkd_arch/csrc/window_attention.cpp`` explains the layout),
+with autograd: the backward recomputes the probabilities from a per-query maximum and normaliser
+kept by the forward (as flash attention does) and also returns the gradient of the additive masks,
+hence of the relative position bias tables. Compared with the PyTorch composition it replaces
+(batched products, copies for the transposes, softmax, mask addition) it removes every
+intermediate tensor; ``scripts/benchmark_student.py`` prints the speed with and without it.
+
+The kernel is compiled with the system C++ compiler through ``torch.utils.cpp_extension`` the first
+time it is needed (about 10-20 s on 2 cores), with ``-O3 -march=native``, into torch's extension
+cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under a name that holds a
+hash of the CPU's feature flags, so a cache shared between different CPUs never serves a binary
+built for another instruction set. Later processes load the cached library in well under a second.
+
+If the build fails (no compiler, say), :func:`available` is False, FastSwinIR falls back to its
+PyTorch attention (same results within float rounding, slower) and one RuntimeWarning gives the
+compiler's message. ``DTKD_CPU_KERNELS=0`` (or :func:`set_enabled`) switches the compiled kernels
+off without trying to build them.
+"""
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import threading
+import warnings
+
+import torch
+
+_ENV = 'DTKD_CPU_KERNELS'
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'window_attention.cpp')
+_LANES = 8  # the kernel's vector width in floats: tokens per window must be a multiple of it
+
+_lock = threading.Lock()
+_state = {'loaded': None, 'error': None}  # loaded: None (not tried), True, False
+
+
+def _enabled_from_environment():
+    value = os.environ.get(_ENV, '1').strip().lower()
+    if value not in ('0', '1', 'false', 'true', 'off', 'on', ''):
+        raise ValueError(f'environment variable {_ENV}={os.environ[_ENV]!r}: use 1 (default) or 0')
+    return value not in ('0', 'false', 'off')
+
+
+_enabled = _enabled_from_environment()
+
+
+def set_enabled(flag):
+    """Use the compiled kernels (True, default) or always the PyTorch code (False). Returns the previous
+    setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(flag)
+    return previous
+
+
+def enabled():
+    return _enabled
+
+
+@contextlib.contextmanager
+def using_kernels(flag):
+    """``set_enabled(flag)`` for the body of a ``with`` block, then the previous setting again."""
+    previous = set_enabled(flag)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
+
+
+def build_name():
+    """Extension name: the source's purpose plus a hash of the machine's architecture and CPU flags."""
+    from dtkd_arch.cpu_ops import _cpu_flags
+    flags = ' '.join(sorted(_cpu_flags() or ()))
+    digest = hashlib.sha1(f'{platform.machine()} {flags}'.encode()).hexdigest()[:12]
+    return f'dtkd_cpu_kernels_{digest}'
+
+
+def _build():
+    # -fopenmp: at::parallel_for is an OpenMP region compiled into this library; the process already has
+    # torch's libgomp.so.1 loaded, which the library then uses (same soname), so there is one thread pool.
+    cflags = ['-O3', '-march=native', '-fno-math-errno', '-fopenmp']
+    # cpp_extension logs a CUDA_HOME warning on CUDA builds of torch without a GPU; it is irrelevant here.
+    logger = logging.getLogger('torch.utils.cpp_extension')
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+        cpp_extension.load(name=build_name(), sources=[_SOURCE], extra_cflags=cflags, extra_ldflags=['-fopenmp'], with_cuda=False,
+                           is_python_module=False, verbose=False)
+    finally:
+        logger.setLevel(level)
+
+
+def load():
+    """Build (first time) and load the kernels; True on success. Thread-safe; tried once per process."""
+    if _state['loaded'] is None:
+        with _lock:
+            if _state['loaded'] is None:
+                if hasattr(torch.ops, 'dtkd_cpu') and hasattr(torch.ops.dtkd_cpu, 'window_attention_forward'):
+                    _state['loaded'] = True
+                else:
+                    try:
+                        _build()
+                        torch.ops.dtkd_cpu.window_attention_forward  # noqa: B018 (raises if not registered)
+                        _state['loaded'] = True
+                    except Exception as exc:  # compiler missing or failing: fall back, say why once
+                        _state['loaded'] = False
+                        _state['error'] = f'{type(exc).__name__}: {exc}'
+                        warnings.warn(f'dtkd_arch.cpu_kernels: building {_SOURCE} failed, FastSwinIR uses its '
+                                      f'slower PyTorch attention on the CPU ({_state["error"][-2000:]}). Set '
+                                      f'{_ENV}=0 to skip the build.', RuntimeWarning, stacklevel=2)
+    return _state['loaded']
+
+
+def available():
+    """True when the kernels are enabled and built (building them now if they were not tried yet)."""
+    return _enabled and load()
+
+
+def build_error():
+    """The build's error message, or None."""
+    return _state['error']
+
+
+def supports(qkv, n, heads, dropout=0.):
+    """Whether :func:`window_attention` handles this call: fp32 CPU tensors, N a multiple of 8, no
+    attention dropout, not under ``torch.compile`` tracing, and the kernels available."""
+    return (qkv.device.type == 'cpu' and qkv.dtype == torch.float32 and n % _LANES == 0 and dropout == 0
+            and (qkv.shape[1] // 3) % heads == 0 and not torch.compiler.is_compiling() and available())
+
+
+class _WindowAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, qkv, masks_t, pattern, heads, scale):
+        out, stats = torch.ops.dtkd_cpu.window_attention_forward(qkv, masks_t, pattern, heads, scale, True)
+        ctx.save_for_backward(qkv, masks_t, pattern, stats)
+        ctx.heads, ctx.scale = heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, masks_t, pattern, stats = ctx.saved_tensors
+        grad_qkv, grad_masks = torch.ops.dtkd_cpu.window_attention_backward(
+            grad_out.contiguous(), qkv, masks_t, pattern, stats, ctx.heads, ctx.scale, ctx.needs_input_grad[1])
+        return (grad_qkv if ctx.needs_input_grad[0] else None,
+                grad_masks if ctx.needs_input_grad[1] else None, None, None, None)
+
+
+def window_attention(qkv, masks_t, pattern, heads, scale):
+    """Fused window attention (call :func:`supports` first).
+
+    qkv: (W * N, 3C) float32, rows window by window, columns q | k | v with heads of C / heads channels;
+    masks_t: (P, heads, N, N) additive masks, transposed (``masks_t[g, h, j, i]`` is added to the score of
+    query i and key j); pattern: (W,) int64 mask index of each window; scale: the factor of q k^T.
+    Returns (W * N, C). Differentiable with respect to qkv and masks_t.
+    """
+    qkv = qkv.contiguous()
+    masks_t = masks_t.contiguous()
+    if torch.is_grad_enabled() and (qkv.requires_grad or masks_t.requires_grad):
+        return _WindowAttention.apply(qkv, masks_t, pattern, heads, float(scale))
+    out, _ = torch.ops.dtkd_cpu.window_attention_forward(qkv, masks_t, pattern, heads, float(scale), False)
+    return out

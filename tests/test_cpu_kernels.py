@@ -1,0 +1,174 @@
+"""The compiled CPU window-attention kernel (dtkd_arch/cpu_kernels.py, csrc/window_attention.cpp) against
+an independent float64 computation of softmax(q k^T scale + mask) v and its autograd gradients."""
+import os
+import subprocess
+import sys
+import warnings
+
+import dtkd_compat  # noqa: F401, I001  (must precede basicsr)
+
+# isort: split
+import pytest
+import torch
+
+from dtkd_arch import cpu_kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def built():
+    assert cpu_kernels.available(), cpu_kernels.build_error()
+
+
+def _inputs(windows, n, heads, d, patterns, seed, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(windows * n, 3 * heads * d, generator=g, dtype=torch.float64) * spread
+    masks = torch.randn(patterns, heads, n, n, generator=g, dtype=torch.float64)
+    if patterns > 1:  # shift-style patterns: blocks of keys a query must not see (never its own token)
+        region = (torch.arange(n) >= n // 2).long()
+        masks[1:] = masks[1:].masked_fill(region[:, None] != region[None, :], float('-inf'))
+    pattern = torch.randint(0, patterns, (windows,), generator=g)
+    return qkv, masks, pattern
+
+
+def _reference(qkv, masks, pattern, heads, scale):
+    windows = pattern.numel()
+    n = masks.shape[-1]
+    d = qkv.shape[1] // 3 // heads
+    q, k, v = qkv.view(windows, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+    attn = ((q * scale) @ k.transpose(-2, -1) + masks[pattern]).softmax(-1)
+    return (attn @ v).transpose(1, 2).reshape(windows * n, heads * d)
+
+
+@pytest.mark.parametrize('windows, n, heads, d, patterns, spread', [
+    (10, 64, 6, 10, 4, 1.0),  # the paper's student: 8 x 8 windows, 6 heads of 10 channels, shifted masks
+    (7, 16, 3, 5, 4, 1.0),  # 4 x 4 windows
+    (5, 24, 1, 3, 2, 1.0),  # 3 vectors of 8 queries per register block
+    (3, 128, 2, 8, 1, 1.0),  # more queries than one register block (two blocks of 64)
+    (4, 64, 2, 32, 1, 4.0),  # wide heads, large scores: softmax far from uniform, exponentials near 0
+])
+def test_forward_and_gradients_match_float64_reference(windows, n, heads, d, patterns, spread):
+    qkv, masks, pattern = _inputs(windows, n, heads, d, patterns, seed=n + d, spread=spread)
+    scale = d**-0.5
+    a, b = qkv.clone().requires_grad_(), masks.clone().requires_grad_()
+    expected = _reference(a, b, pattern, heads, scale)
+    grad_out = torch.randn_like(expected)
+    expected.backward(grad_out)
+    qf = qkv.float().requires_grad_()
+    mf = masks.float().requires_grad_()
+    out = cpu_kernels.window_attention(qf, mf.transpose(-2, -1), pattern, heads, scale)
+    out.backward(grad_out.float())
+    for got, want, name in ((out, expected, 'out'), (qf.grad, a.grad, 'grad qkv'), (mf.grad, b.grad, 'grad masks')):
+        err = (got.double() - want.detach()).abs().max().item()
+        assert err < 2e-5 * max(1.0, want.abs().max().item()), (name, err)
+    assert torch.isfinite(mf.grad).all() and (mf.grad[1:][torch.isinf(masks[1:])] == 0).all()
+    with torch.no_grad():
+        plain = cpu_kernels.window_attention(qkv.float(), masks.float().transpose(-2, -1), pattern, heads, scale)
+    assert torch.equal(plain, out.detach())  # the inference call (no statistics kept) computes the same
+
+
+def test_gradient_of_qkv_only_and_threads_agree():
+    qkv, masks, pattern = _inputs(12, 64, 6, 10, 4, seed=1)
+    qkv, masks = qkv.float(), masks.float().transpose(-2, -1).contiguous()
+    grad_out = torch.randn(qkv.shape[0], qkv.shape[1] // 3)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            a = qkv.clone().requires_grad_()
+            b = masks.clone().requires_grad_()
+            cpu_kernels.window_attention(a, b, pattern, 6, 0.3).backward(grad_out)
+            c = qkv.clone().requires_grad_()
+            cpu_kernels.window_attention(c, masks, pattern, 6, 0.3).backward(grad_out)  # masks need no gradient
+            assert torch.equal(c.grad, a.grad)
+            results.append((a.grad, b.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0])  # each (window, head) is computed by one thread
+    assert (results[0][1] - results[1][1]).abs().max() < 1e-5  # mask gradients: per-thread partial sums
+
+
+def test_bad_inputs_raise_clear_errors():
+    qkv, masks, pattern = (t.float() if t.is_floating_point() else t for t in _inputs(2, 16, 2, 4, 2, seed=2))
+    op = torch.ops.dtkd_cpu.window_attention_forward
+    masks_t = masks.transpose(-2, -1).contiguous()
+    with pytest.raises(RuntimeError, match='multiple of 8'):
+        op(qkv[:2 * 12].contiguous(), masks_t[..., :12, :12].contiguous(), pattern, 2, 0.5, False)
+    with pytest.raises(RuntimeError, match='float32'):
+        op(qkv.double(), masks_t, pattern, 2, 0.5, False)
+    with pytest.raises(RuntimeError, match='pattern 5 of window 1 out of range'):
+        op(qkv, masks_t, torch.tensor([0, 5]), 2, 0.5, False)
+    with pytest.raises(RuntimeError, match='rows for 3 windows'):
+        op(qkv, masks_t, torch.tensor([0, 1, 0]), 2, 0.5, False)
+    with pytest.raises(RuntimeError, match='does not match 3 heads'):
+        op(qkv, masks_t, pattern, 3, 0.5, False)
+
+
+def test_supports_only_what_the_kernel_computes():
+    x = torch.zeros(64, 3 * 12)
+    assert cpu_kernels.supports(x, 64, 2)
+    assert not cpu_kernels.supports(x.double(), 64, 2)
+    assert not cpu_kernels.supports(x.bfloat16(), 64, 2)
+    assert not cpu_kernels.supports(x, 49, 2)  # 7 x 7 windows
+    assert not cpu_kernels.supports(x, 64, 2, dropout=0.1)
+    with cpu_kernels.using_kernels(False):
+        assert not cpu_kernels.supports(x, 64, 2)
+    assert cpu_kernels.supports(x, 64, 2)
+
+
+def test_build_name_depends_on_the_cpu(monkeypatch):
+    import dtkd_arch.cpu_ops as cpu_ops
+
+    name = cpu_kernels.build_name()
+    assert name.startswith('dtkd_cpu_kernels_')
+    monkeypatch.setattr(cpu_ops, '_cpu_flags', lambda: frozenset({'sse2'}))
+    other = cpu_kernels.build_name()
+    monkeypatch.setattr(cpu_ops, '_cpu_flags', lambda: frozenset({'sse2', 'avx2'}))
+    assert len({name, other, cpu_kernels.build_name()}) == 3
+
+
+def test_failed_build_warns_once_and_fastswinir_falls_back(monkeypatch):
+    from basicsr.archs.swinir_arch import SwinIR
+
+    from dtkd_arch.fast_swinir_arch import FastSwinIR
+
+    monkeypatch.setattr(cpu_kernels, '_state', {'loaded': None, 'error': None})
+    monkeypatch.setattr(torch.ops, 'dtkd_cpu', None, raising=False)  # as in a process that never built it
+
+    def failing_build():
+        raise RuntimeError('g++: command not found')
+
+    monkeypatch.setattr(cpu_kernels, '_build', failing_build)
+    cfg = dict(upscale=2, img_size=16, window_size=8, img_range=1., depths=[2], embed_dim=12, num_heads=[2],
+               mlp_ratio=2, upsampler='pixelshuffledirect', resi_connection='1conv')
+    ref = SwinIR(**cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.2)
+    fast = FastSwinIR(**cfg).eval()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.rand(1, 3, 16, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        with torch.no_grad():
+            got = fast(x)
+            fast(x)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and 'g++: command not found' in messages[0] and 'window_attention.cpp' in messages[0]
+    assert not cpu_kernels.available() and 'g++' in cpu_kernels.build_error()
+    with torch.no_grad():
+        assert (got - ref(x)).abs().max() < 1e-4
+
+
+def test_environment_variable_switches_the_kernels_off():
+    code = ('from dtkd_arch import cpu_kernels, fast_swinir_arch; import torch; '
+            'assert not cpu_kernels.enabled(); x = torch.zeros(64, 36); '
+            'assert not cpu_kernels.supports(x, 64, 2); assert cpu_kernels._state["loaded"] is None')
+    env = dict(os.environ, DTKD_CPU_KERNELS='0')
+    subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT, env=env, timeout=300)
+    env['DTKD_CPU_KERNELS'] = 'fast'
+    res = subprocess.run([sys.executable, '-c', 'import dtkd_arch.cpu_kernels'], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "DTKD_CPU_KERNELS='fast'" in res.stderr
