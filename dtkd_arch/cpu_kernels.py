@@ -88,8 +88,8 @@ def _build():
     logger.setLevel(logging.ERROR)
     try:
         from torch.utils import cpp_extension
-        cpp_extension.load(name=build_name(), sources=[_SOURCE], extra_cflags=cflags, extra_ldflags=['-fopenmp'], with_cuda=False,
-                           is_python_module=False, verbose=False)
+        cpp_extension.load(name=build_name(), sources=[_SOURCE], extra_cflags=cflags, extra_ldflags=['-fopenmp'],
+                           with_cuda=False, is_python_module=False, verbose=False)
     finally:
         logger.setLevel(level)
 
