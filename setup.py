@@ -7,7 +7,7 @@ setup(
     python_requires='>=3.9',
     packages=find_packages(include=['dtkd_arch', 'dtkd_loss', 'dtkd_data', 'dtkd_metric', 'dtkd_model']),
     py_modules=['dtkd_compat'],
-    package_data={'dtkd_arch': ['csrc/*.cpp']},
+    package_data={'dtkd_arch': ['csrc/*.cpp', 'csrc/*.h']},
     install_requires=['basicsr==1.4.2', 'torch', 'torchvision', 'pytorch-wavelets', 'PyWavelets', 'lmdb', 'pyyaml'],
     entry_points={
         'console_scripts': [

@@ -12,8 +12,9 @@ intermediate tensor; ``scripts/benchmark_student.py`` prints the speed with and 
 The kernel is compiled with the system C++ compiler through ``torch.utils.cpp_extension`` the first
 time it is needed (about 10-20 s on 2 cores), with ``-O3 -march=native``, into torch's extension
 cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under a name that holds a
-hash of the CPU's feature flags, so a cache shared between different CPUs never serves a binary
-built for another instruction set. Later processes load the cached library in well under a second.
+hash of the CPU's feature flags and of the sources, so a cache shared between different CPUs never
+serves a binary built for another instruction set, and an edited kernel is always rebuilt. Later
+processes load the cached library in well under a second.
 
 If the build fails (no compiler, say), :func:`available` is False, FastSwinIR falls back to its
 PyTorch attention (same results within float rounding, slower) and one RuntimeWarning gives the
@@ -31,7 +32,8 @@ import warnings
 import torch
 
 _ENV = 'DTKD_CPU_KERNELS'
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'window_attention.cpp')
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
+_SOURCE = os.path.join(_CSRC, 'window_attention.cpp')
 _LANES = 8  # the kernel's vector width in floats: tokens per window must be a multiple of it
 
 _lock = threading.Lock()
@@ -71,11 +73,14 @@ def using_kernels(flag):
 
 
 def build_name():
-    """Extension name: the source's purpose plus a hash of the machine's architecture and CPU flags."""
+    """Extension name: the kernels' purpose plus a hash of the machine's architecture, its CPU flags and the
+    sources (headers included: torch's own rebuild check looks only at the listed source files)."""
     from dtkd_arch.cpu_ops import _cpu_flags
-    flags = ' '.join(sorted(_cpu_flags() or ()))
-    digest = hashlib.sha1(f'{platform.machine()} {flags}'.encode()).hexdigest()[:12]
-    return f'dtkd_cpu_kernels_{digest}'
+    digest = hashlib.sha1(f'{platform.machine()} {" ".join(sorted(_cpu_flags() or ()))}'.encode())
+    for name in sorted(os.listdir(_CSRC)):
+        with open(os.path.join(_CSRC, name), 'rb') as f:
+            digest.update(name.encode() + b'\0' + f.read())
+    return f'dtkd_cpu_kernels_{digest.hexdigest()[:12]}'
 
 
 def _build():
@@ -158,6 +163,8 @@ def window_attention(qkv, masks_t, pattern, heads, scale):
     query i and key j); pattern: (W,) int64 mask index of each window; scale: the factor of q k^T.
     Returns (W * N, C). Differentiable with respect to qkv and masks_t.
     """
+    if not load():
+        raise RuntimeError(f'dtkd_arch.cpu_kernels: the kernels are not built ({_state["error"]})')
     qkv = qkv.contiguous()
     masks_t = masks_t.contiguous()
     if torch.is_grad_enabled() and (qkv.requires_grad or masks_t.requires_grad):

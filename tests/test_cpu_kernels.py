@@ -51,21 +51,28 @@ def _reference(qkv, masks, pattern, heads, scale):
 def test_forward_and_gradients_match_float64_reference(windows, n, heads, d, patterns, spread):
     qkv, masks, pattern = _inputs(windows, n, heads, d, patterns, seed=n + d, spread=spread)
     scale = d**-0.5
-    a, b = qkv.clone().requires_grad_(), masks.clone().requires_grad_()
-    expected = _reference(a, b, pattern, heads, scale)
-    grad_out = torch.randn_like(expected)
-    expected.backward(grad_out)
-    qf = qkv.float().requires_grad_()
-    mf = masks.float().requires_grad_()
-    out = cpu_kernels.window_attention(qf, mf.transpose(-2, -1), pattern, heads, scale)
-    out.backward(grad_out.float())
-    for got, want, name in ((out, expected, 'out'), (qf.grad, a.grad, 'grad qkv'), (mf.grad, b.grad, 'grad masks')):
-        err = (got.double() - want.detach()).abs().max().item()
-        assert err < 2e-5 * max(1.0, want.abs().max().item()), (name, err)
-    assert torch.isfinite(mf.grad).all() and (mf.grad[1:][torch.isinf(masks[1:])] == 0).all()
+    grad_out = torch.randn(windows * n, heads * d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    results = {}
+    for name, dtype, fn in (('float64', torch.float64, _reference), ('torch float32', torch.float32, _reference),
+                            ('kernel', torch.float32, cpu_kernels.window_attention)):
+        a = qkv.to(dtype, copy=True).requires_grad_()
+        b = masks.to(dtype, copy=True).requires_grad_()
+        out = fn(a, b.transpose(-2, -1) if fn is cpu_kernels.window_attention else b, pattern, heads, scale)
+        out.backward(grad_out.to(dtype))
+        results[name] = [t.detach().double() for t in (out, a.grad, b.grad)]
+    for k, what in enumerate(('out', 'grad qkv', 'grad masks')):
+        want = results['float64'][k]
+        err = (results['kernel'][k] - want).abs().max().item()
+        # Float32 rounding level: within a few times the error of torch's own float32 attention, which grows
+        # with the spread of the scores (measured: forward 0.9-1.9x, gradients 1.3-3.2x torch's error; the
+        # probabilities of the backward are recomputed through a 1.6-ulp exp2 instead of stored).
+        torch_err = (results['torch float32'][k] - want).abs().max().item()
+        assert err < max(4 * torch_err, 1e-6 * want.abs().max().item()), (what, err, torch_err)
+    out, mf = results['kernel'][0], results['kernel'][2]
+    assert torch.isfinite(mf).all() and (mf[1:][torch.isinf(masks[1:])] == 0).all()
     with torch.no_grad():
         plain = cpu_kernels.window_attention(qkv.float(), masks.float().transpose(-2, -1), pattern, heads, scale)
-    assert torch.equal(plain, out.detach())  # the inference call (no statistics kept) computes the same
+    assert torch.equal(plain.double(), out)  # the inference call (no statistics kept) computes the same
 
 
 def test_gradient_of_qkv_only_and_threads_agree():
