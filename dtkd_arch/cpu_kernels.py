@@ -142,15 +142,15 @@ class _WindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, masks_t, pattern, heads, scale):
         out, stats = torch.ops.dtkd_cpu.window_attention_forward(qkv, masks_t, pattern, heads, scale, True)
-        ctx.save_for_backward(qkv, masks_t, pattern, stats)
+        ctx.save_for_backward(qkv, masks_t, pattern, stats, out)
         ctx.heads, ctx.scale = heads, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        qkv, masks_t, pattern, stats = ctx.saved_tensors
+        qkv, masks_t, pattern, stats, out = ctx.saved_tensors
         grad_qkv, grad_masks = torch.ops.dtkd_cpu.window_attention_backward(
-            grad_out.contiguous(), qkv, masks_t, pattern, stats, ctx.heads, ctx.scale, ctx.needs_input_grad[1])
+            grad_out.contiguous(), qkv, masks_t, pattern, stats, out, ctx.heads, ctx.scale, ctx.needs_input_grad[1])
         return (grad_qkv if ctx.needs_input_grad[0] else None,
                 grad_masks if ctx.needs_input_grad[1] else None, None, None, None)
 

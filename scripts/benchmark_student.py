@@ -4,9 +4,11 @@ Measured side by side in one run: every round runs each variant once, in a rotat
 that machine noise hits all variants alike; the tables give medians and the median of per-round
 speed-ups. Also checks that FastSwinIR fp32 equals BasicSR's SwinIR on the same weights, and the
 PSNR of the reduced-precision output against fp32 on photographs shipped with scikit-image.
-On the CPU, FastSwinIR fp32 also runs with its fully connected layers fixed to BLAS and to oneDNN
-next to the default per-shape choice (``dtkd_arch.cpu_ops``), whose picks are printed at the end;
-bf16 is timed only on CPUs with bf16 instructions (elsewhere it is many times slower than fp32).
+On the CPU, FastSwinIR fp32 also runs with its attention in PyTorch operations instead of the
+compiled kernel (``dtkd_arch.cpu_kernels``), and with its fully connected layers fixed to BLAS and
+to oneDNN next to the default per-shape choice (``dtkd_arch.cpu_ops``), whose picks are printed at
+the end; bf16 is timed only on CPUs with bf16 instructions (elsewhere it is many times slower than
+fp32).
 
     python scripts/benchmark_student.py [--sizes 64 128] [--repeats 9] [--train-iters 7] [--threads 2]
         [--device auto|cpu|cuda] [--weights net_g.pth] [--compile] [--no-train] [--no-inference]
@@ -23,6 +25,7 @@ here), which makes CPU training times depend on the heap's history more than on 
 ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647``, or jemalloc/tcmalloc.
 """
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -39,6 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from basicsr.archs.swinir_arch import SwinIR  # noqa: E402
 
+from dtkd_arch import cpu_kernels  # noqa: E402
 from dtkd_arch.cpu_ops import linear_choices, using_linear_backend  # noqa: E402
 from dtkd_arch.fast_swinir_arch import FastSwinIR, cpu_supports_bf16  # noqa: E402
 from dtkd_model.benchmarking import interleaved  # noqa: E402
@@ -46,9 +50,17 @@ from dtkd_model.benchmarking import interleaved  # noqa: E402
 STUDENT = dict(upscale=4, img_size=64, window_size=8, img_range=1., depths=[6, 6, 6, 6], embed_dim=60,
                num_heads=[6, 6, 6, 6], mlp_ratio=2, upsampler='pixelshuffledirect', resi_connection='1conv')
 PAPER_LATENCY_MS = 19.09  # SwinIR-small inference time reported in the DTKD paper (its GPU)
-# FastSwinIR fp32 with every fully connected layer fixed to one library instead of the per-shape choice of
-# dtkd_arch.cpu_ops ('auto'): BLAS (F.linear) or oneDNN (1x1 convolution)
-LINEAR_VARIANTS = {'FastSwinIR fp32, BLAS linear': 'blas', 'FastSwinIR fp32, oneDNN linear': 'onednn'}
+# CPU variants of FastSwinIR fp32: name -> (fully connected layers, compiled attention kernel). 'auto' is the
+# per-shape choice of dtkd_arch.cpu_ops; 'blas' (F.linear) and 'onednn' (1x1 convolution) fix one library.
+CPU_VARIANTS = {'FastSwinIR fp32, PyTorch attention': ('auto', False),
+                'FastSwinIR fp32, BLAS linear': ('blas', True),
+                'FastSwinIR fp32, oneDNN linear': ('onednn', True)}
+
+
+@contextlib.contextmanager
+def cpu_variant(linear='auto', kernels=True):
+    with using_linear_backend(linear), cpu_kernels.using_kernels(kernels):
+        yield
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'camera', 'brick')
 
 
@@ -167,16 +179,16 @@ def inference(ref, fast, device, args):
     for size in args.sizes:
         x = torch.rand(1, 3, size, size, device=device)
 
-        def runner(model, x=x, linear='auto'):
+        def runner(model, x=x, variant=('auto', True)):
             def run():
-                with using_linear_backend(linear), torch.inference_mode():
+                with cpu_variant(*variant), torch.inference_mode():
                     model(x)
             return run
 
         fns = {'BasicSR SwinIR fp32': runner(ref)}
         fns.update({f'FastSwinIR {p}': runner(m) for p, m in fast.items()})
         if device == 'cpu' and 'fp32' in fast:
-            fns.update({name: runner(fast['fp32'], linear=b) for name, b in LINEAR_VARIANTS.items()})
+            fns.update({name: runner(fast['fp32'], variant=v) for name, v in CPU_VARIANTS.items()})
         times = interleaved(fns, args.repeats, args.warmup, device)
         extra = None
         if device == 'cuda' and size == 64:
@@ -193,7 +205,7 @@ def training(device, args):
         model.load_state_dict(ref.state_dict())
         models[f'FastSwinIR {precision}'] = model.to(device).train()
     if device == 'cpu':
-        for name in LINEAR_VARIANTS:
+        for name in CPU_VARIANTS:
             model = FastSwinIR(**STUDENT, use_compile=args.compile)
             model.load_state_dict(ref.state_dict())
             models[name] = model.to(device).train()
@@ -203,10 +215,10 @@ def training(device, args):
     for name, model in models.items():
         opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.99))
 
-        linear = LINEAR_VARIANTS.get(name, 'auto')
+        variant = CPU_VARIANTS.get(name, ('auto', True))
 
-        def step(model=model, opt=opt, linear=linear):
-            with using_linear_backend(linear):
+        def step(model=model, opt=opt, variant=variant):
+            with cpu_variant(*variant):
                 opt.zero_grad(set_to_none=True)
                 loss = F.l1_loss(model(x), gt)
                 loss.backward()
@@ -264,6 +276,12 @@ def main():
         print(f'\n## SwinIR-small (929,628 parameters) on {device}\n')
         print(machine(device))
         print(f'- memory allocator: {allocator}')
+        if device == 'cpu':
+            if cpu_kernels.available():
+                print(f'- attention: compiled kernel ({cpu_kernels.build_name()}, dtkd_arch/csrc)')
+            else:
+                print(f'- attention: PyTorch operations (the compiled kernel is unavailable: '
+                      f'{cpu_kernels.build_error() or "switched off"})')
         if not args.no_inference:
             ref, fast = build(args, device)
             accuracy(ref, fast, device, args.psnr_size)

@@ -100,8 +100,8 @@ std::tuple<at::Tensor, at::Tensor> window_attention_forward(const at::Tensor& qk
 
 std::tuple<at::Tensor, at::Tensor> window_attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv,
                                                              const at::Tensor& masks_t, const at::Tensor& pattern,
-                                                             const at::Tensor& stats, int64_t heads, double scale,
-                                                             bool mask_grad) {
+                                                             const at::Tensor& stats, const at::Tensor& out,
+                                                             int64_t heads, double scale, bool mask_grad) {
   const Shape s = check_inputs(qkv, masks_t, pattern, heads);
   const int64_t n = s.n, d = s.d, c = s.c, c3 = 3 * s.c, hh = s.heads;
   TORCH_CHECK(grad_out.scalar_type() == at::kFloat && grad_out.is_contiguous() && grad_out.dim() == 2 &&
@@ -110,6 +110,8 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward(const at::Tensor& g
               ") expected, got ", grad_out.sizes());
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.numel() == s.windows * hh * 2 * n,
               "dtkd_cpu window attention backward: stats of the forward expected");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == grad_out.sizes(),
+              "dtkd_cpu window attention backward: the forward's output expected");
   at::Tensor grad_qkv = at::empty_like(qkv);
   const int64_t threads = at::get_num_threads();
   const int64_t mask_numel = masks_t.numel();
@@ -119,6 +121,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward(const at::Tensor& g
   const float* mask_p = masks_t.const_data_ptr<float>();
   const int64_t* pat = pattern.const_data_ptr<int64_t>();
   const float* go_p = grad_out.const_data_ptr<float>();
+  const float* out_p = out.const_data_ptr<float>();
   const float* stats_p = stats.const_data_ptr<float>();
   float* gq_p = grad_qkv.data_ptr<float>();
   float* gm_p = mask_grad ? grad_masks_per_thread.data_ptr<float>() : nullptr;
@@ -131,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward(const at::Tensor& g
       const int64_t w = idx / hh, h = idx % hh;
       const int64_t mask_offset = (pat[w] * hh + h) * n * n;
       backward_pair(qkv_p + w * n * c3 + h * d, c, mask_p + mask_offset, stats_p + idx * 2 * n,
-                    go_p + w * n * c + h * d, gq_p + w * n * c3 + h * d,
+                    out_p + w * n * c + h * d, go_p + w * n * c + h * d, gq_p + w * n * c3 + h * d,
                     gm_p ? gm_p + tid * mask_numel + mask_offset : nullptr, n, d, sc, scratch.data());
     }
   });
@@ -145,7 +148,7 @@ TORCH_LIBRARY(dtkd_cpu, m) {
   m.def("window_attention_forward(Tensor qkv, Tensor masks_t, Tensor pattern, int heads, float scale, "
         "bool keep_stats) -> (Tensor, Tensor)");
   m.def("window_attention_backward(Tensor grad_out, Tensor qkv, Tensor masks_t, Tensor pattern, Tensor stats, "
-        "int heads, float scale, bool mask_grad) -> (Tensor, Tensor)");
+        "Tensor out, int heads, float scale, bool mask_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dtkd_cpu, CPU, m) {

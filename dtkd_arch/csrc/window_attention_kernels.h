@@ -67,7 +67,7 @@ inline v8 vexp_shifted(v8 s, v8 mx_log2e) { return vexp2(s * splat(kLog2e) - mx_
 // The products below run over the N queries in register blocks of NV vectors (NV <= kBlock); `blocks`
 // calls a block function once per 8 * kBlock queries with NV fixed at compile time.
 template <template <int> class Op, typename... Args>
-inline void blocks(int64_t n, Args... args) {
+inline void blocks(int64_t n, Args&&... args) {
   for (int64_t i0 = 0; i0 < n; i0 += kLanes * kBlock) {
     switch (std::min<int64_t>(kBlock, (n - i0) / kLanes)) {
       case 8: Op<8>::run(i0, args...); break;
@@ -82,12 +82,14 @@ inline void blocks(int64_t n, Args... args) {
   }
 }
 
-// dst[j][i] = mask[j][i] + sum_e a[j * a_stride + e] * bt[e][i]   (j < n rows, i in the block)
-// a: n rows of `depth` scalars with row stride a_stride; bt: (depth, n); mask may be null.
+// dst[j][i] = epilogue(mask[j][i] + sum_e a[j * a_stride + e] * bt[e][i], j, i)   (j < n rows, i in the block,
+// in vectors of 8 queries starting at i). a: n rows of `depth` scalars with row stride a_stride; bt: (depth, n);
+// mask may be null. The epilogue turns the row of products into what is stored while it is in registers.
 template <int NV>
 struct RowsTimesTransposed {
+  template <typename Epilogue>
   static void run(int64_t i0, const float* a, int64_t a_stride, const float* bt, const float* mask, float* dst,
-                  int64_t n, int64_t depth) {
+                  int64_t n, int64_t depth, const Epilogue& epilogue) {
     for (int64_t j = 0; j < n; ++j) {
       const float* arow = a + j * a_stride;
       v8 acc[NV];
@@ -97,14 +99,19 @@ struct RowsTimesTransposed {
         const float* brow = bt + e * n + i0;
         for (int k = 0; k < NV; ++k) acc[k] += s * load(brow + k * kLanes);
       }
-      for (int k = 0; k < NV; ++k) store(dst + j * n + i0 + k * kLanes, acc[k]);
+      for (int k = 0; k < NV; ++k) store(dst + j * n + i0 + k * kLanes, epilogue(acc[k], j, i0 + k * kLanes));
     }
   }
 };
 
-void rows_times_transposed(const float* a, int64_t a_stride, const float* bt, const float* mask, float* dst,
-                           int64_t n, int64_t depth) {
-  blocks<RowsTimesTransposed>(n, a, a_stride, bt, mask, dst, n, depth);
+struct Identity {
+  v8 operator()(v8 x, int64_t, int64_t) const { return x; }
+};
+
+template <typename Epilogue = Identity>
+inline void rows_times_transposed(const float* a, int64_t a_stride, const float* bt, const float* mask, float* dst,
+                                  int64_t n, int64_t depth, const Epilogue& epilogue = Epilogue()) {
+  blocks<RowsTimesTransposed>(n, a, a_stride, bt, mask, dst, n, depth, epilogue);
 }
 
 // dst[e][i] = sum_j a[j * a_stride + e] * pt[j][i]   (e < depth, i in the block): the product A^T P^T.
@@ -125,7 +132,8 @@ struct TransposedTimesRows {
   }
 };
 
-void transposed_times_rows(const float* a, int64_t a_stride, const float* pt, float* dst, int64_t n, int64_t depth) {
+inline void transposed_times_rows(const float* a, int64_t a_stride, const float* pt, float* dst, int64_t n,
+                                  int64_t depth) {
   blocks<TransposedTimesRows>(n, a, a_stride, pt, dst, n, depth);
 }
 
@@ -185,25 +193,15 @@ inline void rows_dot_rows(const float* x, const float* yt, float* out, int64_t o
 }
 
 // qt[e][i] = scale * q[i][e] for one window and head (q rows with stride c3).
-void gather_transposed(const float* q, int64_t c3, float* qt, int64_t n, int64_t d, float scale) {
+inline void gather_transposed(const float* q, int64_t c3, float* qt, int64_t n, int64_t d, float scale) {
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t e = 0; e < d; ++e) qt[e * n + i] = q[i * c3 + e] * scale;
   }
 }
 
-// Probabilities P^T (n x n, in place over the scores S^T) from the stored per-query max and 1 / sum.
-void probabilities_from_stats(float* st, const float* mx, const float* inv, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t i = 0; i < n; i += kLanes) {
-      store(st + j * n + i, vexp_shifted(load(st + j * n + i), load(mx + i) * splat(kLog2e)) * load(inv + i));
-    }
-  }
-}
-
-
 // Scratch floats that forward_pair / backward_pair need for n tokens and head dimension d.
 inline int64_t forward_scratch(int64_t n, int64_t d) { return n * n + 2 * d * n + 4 * n; }
-inline int64_t backward_scratch(int64_t n, int64_t d) { return 2 * n * n + 3 * d * n + n; }
+inline int64_t backward_scratch(int64_t n, int64_t d) { return 2 * n * n + 3 * d * n + 2 * n; }
 
 // One (window, head): base points at q of this head in the window's first qkv row (row stride c3, k at
 // +c, v at +2c); mask_t (n, n) transposed; out at this head's first output column (row stride c);
@@ -219,11 +217,12 @@ inline void forward_pair(const float* base, int64_t c, const float* mask_t, floa
   float* inv = sum + n;
   float* mxl = inv + n;
   gather_transposed(base, c3, qt, n, d, scale);
-  rows_times_transposed(base + c, c3, qt, mask_t, st, n, d);  // S^T = mask^T + K (scale Q)^T
-  for (int64_t i = 0; i < n; i += kLanes) store(mx + i, load(st + i));
-  for (int64_t j = 1; j < n; ++j) {
-    for (int64_t i = 0; i < n; i += kLanes) store(mx + i, vmax(load(mx + i), load(st + j * n + i)));
-  }
+  for (int64_t i = 0; i < n; i += kLanes) store(mx + i, splat(-__builtin_inff()));
+  // S^T = mask^T + K (scale Q)^T, with the running maximum over keys of each query
+  rows_times_transposed(base + c, c3, qt, mask_t, st, n, d, [mx](v8 s, int64_t, int64_t i) {
+    store(mx + i, vmax(load(mx + i), s));
+    return s;
+  });
   for (int64_t i = 0; i < n; i += kLanes) {
     store(sum + i, splat(0.f));
     store(mxl + i, load(mx + i) * splat(kLog2e));
@@ -248,10 +247,13 @@ inline void forward_pair(const float* base, int64_t c, const float* mask_t, floa
   }
 }
 
-// The backward of forward_pair: grad_out at this head's first column (row stride c), grad at this head's
-// q column of the window's first grad_qkv row (row stride 3c); grad_mask_t (n, n) accumulated, or null.
-inline void backward_pair(const float* base, int64_t c, const float* mask_t, const float* stats, const float* grad_out,
-                          float* grad, float* grad_mask_t, int64_t n, int64_t d, float scale, float* scratch) {
+// The backward of forward_pair. out: this head's forward output (row stride c); grad_out likewise; grad at
+// this head's q column of the window's first grad_qkv row (row stride 3c); grad_mask_t (n, n) accumulated, or
+// null. The probabilities are recomputed from the stats; delta_i = sum_j P_ij dP_ij is taken as O_i . dO_i
+// (the same sum, since O_i = sum_j P_ij v_j), so dS can be formed while each row of dP is in registers.
+inline void backward_pair(const float* base, int64_t c, const float* mask_t, const float* stats, const float* out,
+                          const float* grad_out, float* grad, float* grad_mask_t, int64_t n, int64_t d, float scale,
+                          float* scratch) {
   const int64_t c3 = 3 * c;
   float* pt = scratch;
   float* dst = pt + n * n;
@@ -259,25 +261,27 @@ inline void backward_pair(const float* base, int64_t c, const float* mask_t, con
   float* got = qt + d * n;
   float* dqt = got + d * n;
   float* delta = dqt + d * n;
+  float* mxl = delta + n;
+  const float* inv = stats + n;
+  for (int64_t i = 0; i < n; ++i) {
+    float acc = 0.f;
+    for (int64_t e = 0; e < d; ++e) acc += out[i * c + e] * grad_out[i * c + e];
+    delta[i] = acc;
+  }
+  for (int64_t i = 0; i < n; i += kLanes) store(mxl + i, load(stats + i) * splat(kLog2e));
   gather_transposed(base, c3, qt, n, d, scale);
-  rows_times_transposed(base + c, c3, qt, mask_t, pt, n, d);
-  probabilities_from_stats(pt, stats, stats + n, n);  // P^T
+  // P^T = exp(S^T - max) / sum, S^T recomputed as in the forward
+  rows_times_transposed(base + c, c3, qt, mask_t, pt, n, d, [mxl, inv](v8 s, int64_t, int64_t i) {
+    return vexp_shifted(s, load(mxl + i)) * load(inv + i);
+  });
   gather_transposed(grad_out, c, got, n, d, 1.f);  // dO^T
-  rows_times_transposed(base + 2 * c, c3, got, nullptr, dst, n, d);  // dP^T = V dO^T
-  for (int64_t i = 0; i < n; i += kLanes) store(delta + i, splat(0.f));
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t i = 0; i < n; i += kLanes) {
-      store(delta + i, load(delta + i) + load(pt + j * n + i) * load(dst + j * n + i));
-    }
-  }
-  for (int64_t j = 0; j < n; ++j) {  // dS^T = P^T * (dP^T - delta)
-    for (int64_t i = 0; i < n; i += kLanes) {
-      store(dst + j * n + i, load(pt + j * n + i) * (load(dst + j * n + i) - load(delta + i)));
-    }
-  }
-  if (grad_mask_t) {
-    for (int64_t k = 0; k < n * n; k += kLanes) store(grad_mask_t + k, load(grad_mask_t + k) + load(dst + k));
-  }
+  // dS^T = P^T * (dP^T - delta) with dP^T = V dO^T; the mask gradient is the sum of dS^T
+  rows_times_transposed(base + 2 * c, c3, got, nullptr, dst, n, d,
+                        [pt, delta, grad_mask_t, n](v8 dp, int64_t j, int64_t i) {
+                          const v8 ds = load(pt + j * n + i) * (dp - load(delta + i));
+                          if (grad_mask_t) store(grad_mask_t + j * n + i, load(grad_mask_t + j * n + i) + ds);
+                          return ds;
+                        });
   transposed_times_rows(base + c, c3, dst, dqt, n, d);  // dQ^T / scale = K^T dS^T
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t e = 0; e < d; ++e) grad[i * c3 + e] = dqt[e * n + i] * scale;
