@@ -42,7 +42,9 @@ What is different is only how the numbers are moved around:
   Accuracy check (``tests/test_fast_swinir.py``, ``scripts/benchmark_student.py``): bf16 output
   against fp32 on skimage.data photographs (64x64 LR) has a PSNR of about 55 dB with BasicSR's
   initialisation and about 51 dB with randomised weights (required: at least 45 dB).
-- ``use_compile=True`` wraps the inner forward in ``torch.compile`` (optional, never required).
+- ``use_compile=True`` compiles the token-wise parts of the Swin blocks with ``torch.compile``, as
+  functions that take the weights as arguments, so that one compiled graph serves all blocks
+  (optional, never required; on the CPUs measured here it gave no speed-up).
 """
 import math
 import warnings
@@ -72,24 +74,64 @@ def _to_2tuple(value):
     return (value, value)
 
 
-def _add_drop_path(x, y, drop_prob, training, batch, tokens_per_window):
-    """``x + drop_path(y)`` with stochastic depth drawn exactly as BasicSR/timm draw it: one
-    ``torch.rand((batch, 1, 1))`` per call, ``keep = floor(keep_prob + rand)``, ``y / keep_prob * keep``.
+def _drop_path_factor(drop_prob, training, batch, dtype, device):
+    """Stochastic depth drawn exactly as BasicSR/timm draw it, or None when it is off: one
+    ``torch.rand((batch, 1, 1))`` per call, ``keep = floor(keep_prob + rand)``; returns keep / keep_prob
+    as a (1, batch, 1, 1) per-image factor."""
+    if drop_prob == 0. or not training:
+        return None
+    keep_prob = 1 - drop_prob
+    random_tensor = keep_prob + torch.rand((batch, 1, 1), dtype=dtype, device=device)
+    random_tensor.floor_()
+    return (random_tensor / keep_prob).view(1, batch, 1, 1)
+
+
+def _residual(x, y, factor, batch, tokens_per_window):
+    """``x + y * factor`` per image (``factor`` from ``_drop_path_factor``; None: ``x + y``).
 
     x, y: (T, C) window-ordered streams, T = windows * batch * tokens_per_window. The scaling and the
-    residual sum are one ``addcmul`` (y times keep / keep_prob, a per-image factor), which saves two
-    passes over the stream forward and one backward; the result differs from BasicSR's two-step
-    scaling by float rounding only.
+    residual sum are one ``addcmul``, which saves two passes over the stream forward and one backward;
+    the result differs from BasicSR's two-step scaling by float rounding only.
     """
-    if drop_prob == 0. or not training:
+    if factor is None:
         return x + y
-    keep_prob = 1 - drop_prob
-    random_tensor = keep_prob + torch.rand((batch, 1, 1), dtype=y.dtype, device=y.device)
-    random_tensor.floor_()
     c = y.shape[-1]
-    factor = (random_tensor / keep_prob).view(1, batch, 1, 1)
     out = torch.addcmul(x.view(-1, batch, tokens_per_window, c), y.view(-1, batch, tokens_per_window, c), factor)
     return out.view(-1, c)
+
+
+def _add_drop_path(x, y, drop_prob, training, batch, tokens_per_window):
+    """``x + drop_path(y)``: one stochastic depth draw (``_drop_path_factor``), then ``_residual``."""
+    factor = _drop_path_factor(drop_prob, training, batch, y.dtype, y.device)
+    return _residual(x, y, factor, batch, tokens_per_window)
+
+
+def _block_qkv(x, norm_weight, norm_bias, eps, qkv_weight, qkv_bias):
+    """LayerNorm then the qkv projection: the token-wise part of a Swin block before attention."""
+    return F.linear(F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps), qkv_weight, qkv_bias)
+
+
+def _block_rest(x, attn_out, proj_weight, proj_bias, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight,
+                fc2_bias, factor1, factor2, batch, tokens_per_window):
+    """The token-wise part of a Swin block after attention: projection, residual, LayerNorm, MLP, residual."""
+    x = _residual(x, F.linear(attn_out, proj_weight, proj_bias), factor1, batch, tokens_per_window)
+    h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+    h = F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+    return _residual(x, h, factor2, batch, tokens_per_window)
+
+
+_COMPILED_PARTS = {}
+
+
+def compiled_block_parts():
+    """``torch.compile`` of ``_block_qkv`` and ``_block_rest``, made once per process and shared by every block
+    of every FastSwinIR with ``use_compile=True``: the weights are arguments, so the compiled code is guarded on
+    shapes and dtypes only, not on a block (compiling the blocks' own methods would compile and guard each
+    block separately and soon hit dynamo's recompile limit)."""
+    if not _COMPILED_PARTS:
+        _COMPILED_PARTS['qkv'] = torch.compile(_block_qkv)
+        _COMPILED_PARTS['rest'] = torch.compile(_block_rest)
+    return _COMPILED_PARTS['qkv'], _COMPILED_PARTS['rest']
 
 
 def shift_patterns(window_size, shift_size, value=float('-inf')):
@@ -511,20 +553,41 @@ class _SwinBlock(nn.Module):
         self.register_buffer('attn_mask', attn_mask)
         self.layout = 1 if self.shift_size > 0 else 0
 
-    def forward(self, x, plan, patterns):
-        """x: (T, C) stream in this block's window order -> same shape and order."""
+    def forward(self, x, plan, patterns, compiled=False):
+        """x: (T, C) stream in this block's window order -> same shape and order.
+
+        compiled: run the token-wise parts through ``compiled_block_parts`` (``use_compile``), where this
+        block's configuration allows it (LayerNorm, GELU, no dropout); attention runs eagerly either way.
+        """
         n = plan.tokens_per_window
         p = self.drop_path.drop_prob
         attn = self.attn
-        qkv = attn.qkv(self.norm1(x))
         groups = plan.groups[self.layout]
         shifted = self.shift_size > 0
+        if compiled and self._compilable():
+            block_qkv, block_rest = compiled_block_parts()
+            n1, n2, mlp = self.norm1, self.norm2, self.mlp
+            qkv = block_qkv(x, n1.weight, n1.bias, n1.eps, attn.qkv.weight, attn.qkv.bias)
+            out = attn.attend(qkv, groups, patterns if shifted else None, n, plan.window_keys[self.layout],
+                              plan.batch, plan.window_patterns[self.layout])
+            f1 = _drop_path_factor(p, self.training, plan.batch, x.dtype, x.device)
+            f2 = _drop_path_factor(p, self.training, plan.batch, x.dtype, x.device)
+            return block_rest(x, out, attn.proj.weight, attn.proj.bias, n2.weight, n2.bias, n2.eps, mlp.fc1.weight,
+                              mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, f1, f2, plan.batch, n)
+        qkv = attn.qkv(self.norm1(x))
         out = attn.attend(qkv, groups, patterns if shifted else None, n, plan.window_keys[self.layout], plan.batch,
                           plan.window_patterns[self.layout])
         y = attn.proj_drop(attn.proj(out))
         x = _add_drop_path(x, y, p, self.training, plan.batch, n)
         x = _add_drop_path(x, self.mlp(self.norm2(x)), p, self.training, plan.batch, n)
         return x
+
+    def _compilable(self):
+        norms = all(type(m) is nn.LayerNorm and m.elementwise_affine and m.weight.dim() == 1
+                    for m in (self.norm1, self.norm2))
+        gelu = type(self.mlp.act) is nn.GELU and self.mlp.act.approximate == 'none'
+        no_dropout = not self.training or (self.attn.proj_drop.p == 0 and self.mlp.drop.p == 0)
+        return norms and gelu and no_dropout
 
     def extra_repr(self):
         return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
@@ -561,8 +624,8 @@ class _RSTB(nn.Module):
         self.patch_embed = _NoParams()
         self.patch_unembed = _NoParams()
 
-    def forward(self, x, plan, patterns):
-        """x: (B*H*W, C) raster-ordered tokens -> same."""
+    def forward(self, x, plan, patterns, compiled=False):
+        """x: (B*H*W, C) raster-ordered tokens -> same. compiled: see ``_SwinBlock.forward``."""
         b, h, w = plan.batch, plan.height, plan.width
         c = x.shape[1]
         blocks = self.residual_group.blocks
@@ -573,9 +636,9 @@ class _RSTB(nn.Module):
                 y = _permute_rows(y, plan.switch[(layout, blk.layout)], plan.switch[(blk.layout, layout)])
                 layout = blk.layout
             if self.use_checkpoint and torch.is_grad_enabled():
-                y = torch_checkpoint.checkpoint(blk, y, plan, patterns, use_reentrant=False)
+                y = torch_checkpoint.checkpoint(blk, y, plan, patterns, compiled, use_reentrant=False)
             else:
-                y = blk(y, plan, patterns)
+                y = blk(y, plan, patterns, compiled)
         y = _permute_rows(y, plan.leave[layout], plan.enter[layout])
         # (B, H, W, C) viewed as NCHW is channels-last: the convolution reads the stream as it is.
         y = self.conv(y.view(b, h, w, c).permute(0, 3, 1, 2))
@@ -633,7 +696,9 @@ class FastSwinIR(nn.Module):
         norm_layer, ape, patch_norm, use_checkpoint, upscale, img_range, upsampler, resi_connection), plus
         precision (str): 'fp32' (default), 'bf16' or 'fp16': the forward runs under ``torch.autocast`` with
             that dtype (bf16 suits CPUs with AMX; fp16/bf16 suit GPUs). Outputs keep the input dtype.
-        use_compile (bool): wrap the inner forward in ``torch.compile`` on first use. Default False.
+        use_compile (bool): run the token-wise parts of every Swin block (LayerNorm, projections, MLP,
+            residuals) through ``torch.compile`` (``compiled_block_parts``: one compiled function for all
+            blocks); attention, convolutions and token reordering run eagerly. Default False.
 
     Input: (B, in_chans, H, W) float in [0, 1] (for img_range=1), any H, W >= 1.
     Output: (B, in_chans, H * s, W * s), s = upscale ('' upsampler: s = 1).
@@ -695,7 +760,6 @@ class FastSwinIR(nn.Module):
         self.upsampler = upsampler
         self.precision = precision
         self.use_compile = use_compile
-        self._compiled = None
 
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
         self.num_layers = len(depths)
@@ -817,7 +881,7 @@ class FastSwinIR(nn.Module):
             tokens = (tokens.view(b, h * w, c) + self.absolute_pos_embed).view(-1, c)
         tokens = self.pos_drop(tokens)
         for layer in self.layers:
-            tokens = layer(tokens, plan, patterns)
+            tokens = layer(tokens, plan, patterns, self.use_compile)
         tokens = self.norm(tokens)
         return tokens.view(b, h, w, c).permute(0, 3, 1, 2)
 
@@ -857,10 +921,6 @@ class FastSwinIR(nn.Module):
         y = (x - self.mean) * self.img_range
         y = reflect_pad_to_multiple(y, self.pad_multiple)
         run = self._forward_padded
-        if self.use_compile:
-            if self._compiled is None:
-                self._compiled = torch.compile(self._forward_padded, dynamic=None)
-            run = self._compiled
         dtype = PRECISIONS[self.precision]
         if dtype == torch.bfloat16 and x.device.type == 'cpu':
             warn_if_slow_bf16('bf16', 'cpu', "FastSwinIR precision 'bf16' (network_g.precision or --precision)")
@@ -873,11 +933,6 @@ class FastSwinIR(nn.Module):
         y = y / self.img_range + self.mean
         s = self.scale
         return y[:, :, :h * s, :w * s].contiguous()
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state['_compiled'] = None
-        return state
 
 
 def set_precision(model, precision):

@@ -398,3 +398,32 @@ def test_device_independent_attention_path_matches_basicsr(monkeypatch):
         expected = ref_params[name].grad
         assert _max_diff(p.grad, expected) < 2e-5 * expected.abs().max().item(), name
     assert not calls
+
+
+def test_use_compile_shares_one_graph_between_blocks_and_matches_eager():
+    """``use_compile``: the token-wise parts of all blocks go through two compiled functions (weights as
+    arguments), so the number of compiled graphs does not grow with the number of blocks; outputs and
+    gradients equal the eager model's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = dict(TINY, depths=[3, 3], num_heads=[2, 2], drop_path_rate=0.1)  # 6 blocks, stochastic depth
+    eager = FastSwinIR(**cfg)
+    _randomize(eager, 21)
+    compiled = FastSwinIR(**cfg, use_compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    x = torch.rand(2, 3, 16, 24)
+    with torch.no_grad():
+        assert _max_diff(compiled.eval()(x), eager.eval()(x)) < 1e-5
+    assert counters['stats']['unique_graphs'] == 2  # _block_qkv and _block_rest, for all six blocks
+    target = torch.rand(2, 3, 64, 96)
+    for model in (eager, compiled):
+        model.train()
+        torch.manual_seed(4)  # the same stochastic depth draws
+        F.l1_loss(model(x), target).backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        assert _max_diff(a.grad, b.grad) < 1e-5 * max(1.0, a.grad.abs().max().item()), name
+    # training: drop path factors (tensors) for the blocks that have them, None for the first: a few more graphs
+    assert counters['stats']['unique_graphs'] <= 6
+    assert not counters['recompiles'] or sum(counters['recompiles'].values()) < 8
