@@ -1,13 +1,16 @@
-"""Compiled CPU kernels (C++), built on first use: fused window attention for FastSwinIR.
+"""Compiled CPU kernels (C++), built on first use: fused window attention and LayerNorm for FastSwinIR.
 
 ``window_attention(qkv, masks_t, pattern, heads, scale)`` computes ``softmax(q k^T scale + mask) v``
 for every window and head of FastSwinIR's window-ordered token stream in one pass per (window,
-head) that stays in a core's L1 cache (``dtkd_arch/csrc/window_attention.cpp`` explains the layout),
+head) that stays in a core's L1 cache (``dtkd_arch/csrc/cpu_kernels.cpp`` explains the layout),
 with autograd: the backward recomputes the probabilities from a per-query maximum and normaliser
 kept by the forward (as flash attention does) and also returns the gradient of the additive masks,
 hence of the relative position bias tables. Compared with the PyTorch composition it replaces
 (batched products, copies for the transposes, softmax, mask addition) it removes every
 intermediate tensor; ``scripts/benchmark_student.py`` prints the speed with and without it.
+
+``layer_norm(x, weight, bias, eps)`` is the LayerNorm of FastSwinIR's (tokens, channels) streams
+with its backward, one pass over each row per direction.
 
 The kernel is compiled with the system C++ compiler through ``torch.utils.cpp_extension`` the first
 time it is needed (about 10-20 s on 2 cores), with ``-O3 -march=native``, into torch's extension
@@ -33,7 +36,7 @@ import torch
 
 _ENV = 'DTKD_CPU_KERNELS'
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
-_SOURCE = os.path.join(_CSRC, 'window_attention.cpp')
+_SOURCE = os.path.join(_CSRC, 'cpu_kernels.cpp')
 _LANES = 8  # the kernel's vector width in floats: tokens per window must be a multiple of it
 
 _lock = threading.Lock()
@@ -171,3 +174,34 @@ def window_attention(qkv, masks_t, pattern, heads, scale):
         return _WindowAttention.apply(qkv, masks_t, pattern, heads, float(scale))
     out, _ = torch.ops.dtkd_cpu.window_attention_forward(qkv, masks_t, pattern, heads, float(scale), False)
     return out
+
+
+def supports_tokens(x):
+    """Whether :func:`layer_norm` handles ``x``: fp32 CPU, not under ``torch.compile``, kernels built."""
+    return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and available())
+
+
+class _LayerNorm(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = torch.ops.dtkd_cpu.layer_norm_forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx, dw, db = torch.ops.dtkd_cpu.layer_norm_backward(grad.contiguous(), x, mean, rstd, weight, need_w, need_b)
+        return dx if need_x else None, dw if need_w else None, db if need_b else None, None
+
+
+def layer_norm(x, weight, bias, eps):
+    """``F.layer_norm(x, (C,), weight, bias, eps)`` for x (rows, C) float32 on the CPU (call
+    :func:`supports_tokens` first); weight and bias (C,) or None. Differentiable."""
+    x = x.contiguous()
+    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))):
+        return _LayerNorm.apply(x, weight, bias, float(eps))
+    return torch.ops.dtkd_cpu.layer_norm_forward(x, weight, bias, float(eps))[0]

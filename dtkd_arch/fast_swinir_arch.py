@@ -35,6 +35,9 @@ What is different is only how the numbers are moved around:
   autograd's scatter-add; stochastic depth and the residual sum are one ``addcmul``.
 - ``use_checkpoint=True`` checkpoints each block (BasicSR's version of this option fails).
 - Convolutions run on channels-last tensors, which are the token stream itself (no copies).
+- On the CPU in fp32, window attention (windows of a multiple of 8 tokens) and LayerNorm run in
+  compiled kernels (``dtkd_arch/cpu_kernels.py``, C++ built on first use); without a compiler they
+  run in the PyTorch code described above.
 - Any input size: the input is reflect-padded to a multiple of the window size and the output is
   cropped back, as the official SwinIR test code does (``check_image_size``).
 - Reduced precision: ``precision='bf16'`` (CPUs with AMX/AVX512-BF16, recent GPUs) or ``'fp16'``
@@ -72,6 +75,15 @@ def _to_2tuple(value):
     if isinstance(value, (tuple, list)):
         return tuple(value)
     return (value, value)
+
+
+def _norm(module, x):
+    """``module(x)`` for a norm layer on a (T, C) stream; nn.LayerNorm over C runs in the compiled CPU kernel
+    (``cpu_kernels.layer_norm``) where it applies (fp32 on the CPU)."""
+    if (type(module) is nn.LayerNorm and x.dim() == 2 and module.normalized_shape == (x.shape[1],)
+            and cpu_kernels.supports_tokens(x)):
+        return cpu_kernels.layer_norm(x, module.weight, module.bias, module.eps)
+    return module(x)
 
 
 def _drop_path_factor(drop_prob, training, batch, dtype, device):
@@ -574,12 +586,12 @@ class _SwinBlock(nn.Module):
             f2 = _drop_path_factor(p, self.training, plan.batch, x.dtype, x.device)
             return block_rest(x, out, attn.proj.weight, attn.proj.bias, n2.weight, n2.bias, n2.eps, mlp.fc1.weight,
                               mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, f1, f2, plan.batch, n)
-        qkv = attn.qkv(self.norm1(x))
+        qkv = attn.qkv(_norm(self.norm1, x))
         out = attn.attend(qkv, groups, patterns if shifted else None, n, plan.window_keys[self.layout], plan.batch,
                           plan.window_patterns[self.layout])
         y = attn.proj_drop(attn.proj(out))
         x = _add_drop_path(x, y, p, self.training, plan.batch, n)
-        x = _add_drop_path(x, self.mlp(self.norm2(x)), p, self.training, plan.batch, n)
+        x = _add_drop_path(x, self.mlp(_norm(self.norm2, x)), p, self.training, plan.batch, n)
         return x
 
     def _compilable(self):
@@ -873,7 +885,7 @@ class FastSwinIR(nn.Module):
         if stream_dtype is not None:
             tokens = tokens.to(stream_dtype)
         if self.patch_embed.norm is not None:
-            tokens = self.patch_embed.norm(tokens)
+            tokens = _norm(self.patch_embed.norm, tokens)
         if self.ape:
             if self.absolute_pos_embed.shape[1] != h * w:
                 raise ValueError(f'ape=True needs inputs of the training size {self.patches_resolution} '
@@ -882,7 +894,7 @@ class FastSwinIR(nn.Module):
         tokens = self.pos_drop(tokens)
         for layer in self.layers:
             tokens = layer(tokens, plan, patterns, self.use_compile)
-        tokens = self.norm(tokens)
+        tokens = _norm(self.norm, tokens)
         return tokens.view(b, h, w, c).permute(0, 3, 1, 2)
 
     def _forward_padded(self, x):

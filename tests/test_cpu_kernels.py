@@ -1,5 +1,6 @@
-"""The compiled CPU window-attention kernel (dtkd_arch/cpu_kernels.py, csrc/window_attention.cpp) against
-an independent float64 computation of softmax(q k^T scale + mask) v and its autograd gradients."""
+"""The compiled CPU kernels (dtkd_arch/cpu_kernels.py, csrc/): window attention against an independent float64
+computation of softmax(q k^T scale + mask) v and its autograd gradients, LayerNorm against float64
+F.layer_norm."""
 import os
 import subprocess
 import sys
@@ -163,7 +164,7 @@ def test_failed_build_warns_once_and_fastswinir_falls_back(monkeypatch):
             got = fast(x)
             fast(x)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(messages) == 1 and 'g++: command not found' in messages[0] and 'window_attention.cpp' in messages[0]
+    assert len(messages) == 1 and 'g++: command not found' in messages[0] and 'cpu_kernels.cpp' in messages[0]
     assert not cpu_kernels.available() and 'g++' in cpu_kernels.build_error()
     with torch.no_grad():
         assert (got - ref(x)).abs().max() < 1e-4
@@ -179,3 +180,46 @@ def test_environment_variable_switches_the_kernels_off():
     res = subprocess.run([sys.executable, '-c', 'import dtkd_arch.cpu_kernels'], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "DTKD_CPU_KERNELS='fast'" in res.stderr
+
+
+@pytest.mark.parametrize('rows, c, affine', [(300, 60, True), (5, 13, True), (64, 8, False), (1, 3, True),
+                                             (513, 180, True)])
+def test_layer_norm_matches_float64_reference(rows, c, affine):
+    g = torch.Generator().manual_seed(rows + c)
+    x = torch.randn(rows, c, generator=g, dtype=torch.float64) * 3 + 2
+    weight = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
+    bias = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
+    grad = torch.randn(rows, c, generator=g, dtype=torch.float64)
+    results = {}
+    for name, dtype in (('float64', torch.float64), ('torch float32', torch.float32), ('kernel', torch.float32)):
+        leaves = [t.to(dtype, copy=True).requires_grad_() if t is not None else None for t in (x, weight, bias)]
+        if name == 'kernel':
+            y = cpu_kernels.layer_norm(*leaves, 1e-5)
+        else:
+            y = torch.nn.functional.layer_norm(leaves[0], (c,), leaves[1], leaves[2], 1e-5)
+        y.backward(grad.to(dtype))
+        results[name] = [y.detach().double()] + [t.grad.double() for t in leaves if t is not None]
+    for k in range(len(results['float64'])):
+        want = results['float64'][k]
+        err = (results['kernel'][k] - want).abs().max().item()
+        torch_err = (results['torch float32'][k] - want).abs().max().item()
+        assert err < max(4 * torch_err, 1e-6 * want.abs().max().item()), (k, err, torch_err)
+    with torch.no_grad():
+        plain = cpu_kernels.layer_norm(x.float(), None if weight is None else weight.float(),
+                                       None if bias is None else bias.float(), 1e-5)
+    assert torch.equal(plain.double(), results['kernel'][0])
+
+
+def test_layer_norm_gradient_flags_and_errors():
+    x = torch.randn(40, 12, requires_grad=True)
+    weight = torch.randn(12)  # no gradient wanted for the weight
+    bias = torch.randn(12, requires_grad=True)
+    cpu_kernels.layer_norm(x, weight, bias, 1e-6).sum().backward()
+    assert weight.grad is None and bias.grad is not None and x.grad is not None
+    assert torch.allclose(bias.grad, torch.full((12,), 40.0))
+    op = torch.ops.dtkd_cpu.layer_norm_forward
+    with pytest.raises(RuntimeError, match='vector of 12 values'):
+        op(x.detach(), torch.ones(11), None, 1e-5)
+    with pytest.raises(RuntimeError, match='float32'):
+        op(x.detach().double(), None, None, 1e-5)
+    assert cpu_kernels.supports_tokens(x) and not cpu_kernels.supports_tokens(x.double())

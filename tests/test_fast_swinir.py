@@ -320,6 +320,9 @@ def test_training_gradients_match_basicsr_tightly(cfg_name, size, batch, attenti
         spied = fast_arch._WindowAttentionFunction
     original = spied.apply
     monkeypatch.setattr(spied, 'apply', lambda *args: calls.append(1) or original(*args))
+    norms = []
+    original_norm = cpu_kernels._LayerNorm.apply
+    monkeypatch.setattr(cpu_kernels._LayerNorm, 'apply', lambda *args: norms.append(1) or original_norm(*args))
     x = torch.rand(batch, 3, *size)
     target = torch.rand(batch, 3, size[0] * cfg['upscale'], size[1] * cfg['upscale'])
     grads_in = []
@@ -328,6 +331,8 @@ def test_training_gradients_match_basicsr_tightly(cfg_name, size, batch, attenti
         F.l1_loss(model(xi), target).backward()
         grads_in.append(xi.grad)
     assert len(calls) == sum(cfg['depths'])  # every block took the fast training path
+    # LayerNorm: two per block, the patch embedding's and the final one, in the kernel where it is enabled
+    assert len(norms) == (2 * sum(cfg['depths']) + 2 if cpu_kernels.enabled() else 0)
     assert _max_diff(grads_in[0], grads_in[1]) < 1e-5 * grads_in[0].abs().max().item()
     ref_params = dict(ref.named_parameters())
     tables = 0

@@ -1,7 +1,9 @@
-// Fused window attention for the CPU, fp32: softmax(q k^T * scale + mask) v for every window and head.
+// CPU kernels of FastSwinIR, fp32, registered as torch operators (namespace dtkd_cpu):
+//   window_attention_forward / window_attention_backward: fused window attention (window_attention_kernels.h);
+//   layer_norm_forward / layer_norm_backward: LayerNorm over the last dimension (token_kernels.h).
+// Built on first use by dtkd_arch/cpu_kernels.py (torch.utils.cpp_extension, -O3 -march=native).
 //
-// Built on first use by dtkd_arch/cpu_kernels.py (torch.utils.cpp_extension, -O3 -march=native) and
-// registered as torch.ops.dtkd_cpu.window_attention_forward / window_attention_backward.
+// Window attention: softmax(q k^T * scale + mask) v for every window and head.
 //
 // Layout (the window-ordered token stream of FastSwinIR):
 //   qkv      (W * N, 3C)   rows of window w are w*N .. w*N+N-1; columns q | k | v, head h at h*d .. h*d+d-1
@@ -28,10 +30,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <cstdint>
 #include <tuple>
 #include <vector>
 
+#include "token_kernels.h"
 #include "window_attention_kernels.h"
 
 namespace {
@@ -142,6 +146,74 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward(const at::Tensor& g
   return {grad_qkv, grad_masks};
 }
 
+
+// ---- LayerNorm over the last dimension, (rows, c) ----
+
+void check_rows(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "dtkd_cpu ", what, ": a contiguous float32 CPU tensor (rows, channels) expected, got ", x.sizes());
+}
+
+const float* optional_vector(const std::optional<at::Tensor>& t, int64_t c, const char* what) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == c, "dtkd_cpu ", what,
+              ": a contiguous float32 vector of ", c, " values expected");
+  return t->const_data_ptr<float>();
+}
+
+constexpr int64_t kRowGrain = 256;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(const at::Tensor& x,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const std::optional<at::Tensor>& bias,
+                                                                  double eps) {
+  check_rows(x, "layer_norm_forward");
+  const int64_t rows = x.size(0), c = x.size(1);
+  const float* w = optional_vector(weight, c, "layer_norm_forward weight");
+  const float* b = optional_vector(bias, c, "layer_norm_forward bias");
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({rows}, x.options());
+  at::Tensor rstd = at::empty({rows}, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  float *yp = y.data_ptr<float>(), *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    dtkd_tok::layer_norm_rows(xp + begin * c, w, b, e, yp + begin * c, mp + begin, rp + begin, end - begin, c);
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const at::Tensor& mean, const at::Tensor& rstd,
+                                                                   const std::optional<at::Tensor>& weight,
+                                                                   bool weight_grad, bool bias_grad) {
+  check_rows(x, "layer_norm_backward");
+  check_rows(grad, "layer_norm_backward grad");
+  TORCH_CHECK(grad.sizes() == x.sizes(), "dtkd_cpu layer_norm_backward: grad and input shapes differ");
+  const int64_t rows = x.size(0), c = x.size(1);
+  TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows && mean.is_contiguous() && rstd.is_contiguous(),
+              "dtkd_cpu layer_norm_backward: the forward's mean and rstd expected");
+  const float* w = optional_vector(weight, c, "layer_norm_backward weight");
+  at::Tensor dx = at::empty_like(x);
+  const int64_t threads = at::get_num_threads();
+  const bool partials = weight_grad || bias_grad;
+  at::Tensor sums = partials ? at::zeros({threads, 2, c}, x.options()) : at::empty({0}, x.options());
+  const float *gp = grad.const_data_ptr<float>(), *xp = x.const_data_ptr<float>();
+  const float *mp = mean.const_data_ptr<float>(), *rp = rstd.const_data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  float* sp = partials ? sums.data_ptr<float>() : nullptr;
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    float* part = sp ? sp + std::min<int64_t>(at::get_thread_num(), threads - 1) * 2 * c : nullptr;
+    dtkd_tok::layer_norm_backward_rows(gp + begin * c, xp + begin * c, mp + begin, rp + begin, w, dxp + begin * c,
+                                       weight_grad ? part : nullptr, bias_grad ? part + c : nullptr, end - begin,
+                                       c);
+  });
+  at::Tensor total = partials ? sums.sum(0) : at::empty({0}, x.options());
+  at::Tensor dw = weight_grad ? total[0] : at::empty({0}, x.options());
+  at::Tensor db = bias_grad ? total[1] : at::empty({0}, x.options());
+  return {dx, dw, db};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dtkd_cpu, m) {
@@ -149,9 +221,14 @@ TORCH_LIBRARY(dtkd_cpu, m) {
         "bool keep_stats) -> (Tensor, Tensor)");
   m.def("window_attention_backward(Tensor grad_out, Tensor qkv, Tensor masks_t, Tensor pattern, Tensor stats, "
         "Tensor out, int heads, float scale, bool mask_grad) -> (Tensor, Tensor)");
+  m.def("layer_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, bool weight_grad, "
+        "bool bias_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dtkd_cpu, CPU, m) {
+  m.impl("layer_norm_forward", &layer_norm_forward);
+  m.impl("layer_norm_backward", &layer_norm_backward);
   m.impl("window_attention_forward", &window_attention_forward);
   m.impl("window_attention_backward", &window_attention_backward);
 }
