@@ -12,12 +12,15 @@ What is different is only how the numbers are moved around:
   operation of a Swin block except attention is per token, so the order does not matter to them;
   going from a regular to a shifted block is a single row gather (the cyclic roll and the window
   partition in one step) instead of roll, partition, head split, merge, reverse and roll back.
-- Attention on the CPU (``window_attention_cpu``) runs over chunks of windows small enough for
-  their scores to stay in a core's cache, with every matrix product arranged so that its output
-  has N = window_size^2 columns rather than the head dimension (10 for the paper's student): the
-  value product is computed as ``O^T = v^T P^T``. This is several times faster than both the plain
-  ``P v`` and torch's fused CPU attention kernel, whose tiles suit long sequences. On GPUs
-  attention runs in ``scaled_dot_product_attention``.
+- Attention on the CPU in fp32 runs in a compiled C++ kernel (``dtkd_arch.cpu_kernels``: one pass
+  per window and head in a core's L1 cache, forward and backward, mask gradients included) when
+  the window has a multiple of 8 tokens and the kernel could be built. Otherwise (no compiler,
+  7 x 7 windows, bf16) attention on the CPU (``window_attention_cpu``) runs over chunks of windows
+  small enough for their scores to stay in a core's cache, with every matrix product arranged so
+  that its output has N = window_size^2 columns rather than the head dimension (10 for the paper's
+  student): the value product is computed as ``O^T = v^T P^T``. This is several times faster than
+  both the plain ``P v`` and torch's fused CPU attention kernel, whose tiles suit long sequences.
+  On GPUs attention runs in ``scaled_dot_product_attention``.
 - The relative position bias and the shift mask are folded into one additive mask per head. The
   windows of a shifted block are ordered as interior, last window row, last window column, corner:
   each of these four groups shares one shift pattern, so each group needs only one
@@ -25,12 +28,13 @@ What is different is only how the numbers are moved around:
   and rebuilt when the bias table changes (its ``_version`` or storage changes, e.g. after an
   optimizer step or ``load_state_dict``). Tokens of different regions of a shifted window get
   -inf rather than BasicSR's -100 (weights of exactly 0 instead of about 1e-44, denormal floats).
-- Training on the CPU in fp32 uses a custom autograd function (``_WindowAttentionFunction``) whose
-  backward returns the gradient of the folded masks (the sum of the score gradients over windows
-  and images), which torch's fused kernels do not give; it keeps the probabilities, as autograd
-  does for BasicSR's attention. Elsewhere (GPU, reduced precision, attention dropout) attention
-  with gradients for the bias tables is computed explicitly in one batched computation per block:
-  the windows-then-images order lets one ``(windows, heads, N, N)`` mask broadcast over the batch.
+- Without the compiled kernel, training on the CPU in fp32 uses a custom autograd function
+  (``_WindowAttentionFunction``) whose backward returns the gradient of the folded masks (the sum
+  of the score gradients over windows and images), which torch's fused kernels do not give; it
+  keeps the probabilities, as autograd does for BasicSR's attention. Elsewhere (GPU, reduced
+  precision, attention dropout) attention with gradients for the bias tables is computed
+  explicitly in one batched computation per block: the windows-then-images order lets one
+  ``(windows, heads, N, N)`` mask broadcast over the batch.
 - Gathers between token orders are permutations: their backward is the inverse gather rather than
   autograd's scatter-add; stochastic depth and the residual sum are one ``addcmul``.
 - ``use_checkpoint=True`` checkpoints each block (BasicSR's version of this option fails).

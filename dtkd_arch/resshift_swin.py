@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtkd_arch import cpu_kernels
 from dtkd_arch.cpu_ops import Linear, linear
 
 # Additive mask value the reference implementation uses between tokens of different shifted regions.
@@ -102,6 +103,16 @@ class WindowAttention(nn.Module):
         self.proj = Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
+    def _transposed_bias(self, attn_bias):
+        """attn_bias with each (N, N) block transposed, as the compiled kernel reads it; cached while the
+        (non-differentiable) bias tensor is unchanged."""
+        if attn_bias.requires_grad:
+            return attn_bias.transpose(-2, -1)
+        cached = getattr(self, '_bias_t', None)  # (the bias tensor itself, its version, transposed copy)
+        if cached is None or cached[0] is not attn_bias or cached[1] != attn_bias._version:
+            cached = self._bias_t = (attn_bias, attn_bias._version, attn_bias.transpose(-2, -1).contiguous())
+        return cached[2]
+
     def position_bias(self):
         """Relative position bias, (heads, N, N)."""
         n = self.window_size * self.window_size
@@ -120,7 +131,13 @@ class WindowAttention(nn.Module):
         """
         b, n_win, n, c = x.shape
         heads, head_dim = self.num_heads, c // self.num_heads
-        qkv = self.qkv(x).view(b, n_win, n, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5)
+        qkv = self.qkv(x)
+        rows = qkv.view(-1, 3 * c)
+        if cpu_kernels.supports(rows, n, heads):  # fp32 on the CPU: the fused kernel, window w gets bias w
+            pattern = torch.arange(n_win, device=x.device).repeat(b)
+            out = cpu_kernels.window_attention(rows, self._transposed_bias(attn_bias), pattern, heads, self.scale)
+            return self.proj(out.view(b, n_win, n, c))
+        qkv = qkv.view(b, n_win, n, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5)
         q = (qkv[0] * self.scale).reshape(-1, n, head_dim)
         k = qkv[1].reshape(-1, n, head_dim)
         v = qkv[2].reshape(-1, n, head_dim)

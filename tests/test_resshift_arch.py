@@ -142,9 +142,19 @@ def _load_reference(module, ref, seed):
     return module.eval()
 
 
+@pytest.mark.parametrize('attention', ['compiled', 'pytorch'])
 @pytest.mark.parametrize('name,config,layout', [
     ('unet', TINY_UNET, 'nchw'), ('unet_variant', TINY_UNET_VARIANT, 'nchw'), ('unet', TINY_UNET, 'channels_last')])
-def test_unet_forward_matches_official(reference, name, config, layout):
+def test_unet_forward_matches_official(reference, name, config, layout, attention, monkeypatch):
+    """Window attention in the compiled CPU kernel (dtkd_arch.cpu_kernels) and in PyTorch operations."""
+    from dtkd_arch import cpu_kernels
+
+    if attention == 'compiled':
+        assert cpu_kernels.available(), cpu_kernels.build_error()
+    monkeypatch.setattr(cpu_kernels, '_enabled', attention == 'compiled')
+    calls = []
+    original = cpu_kernels.window_attention
+    monkeypatch.setattr(cpu_kernels, 'window_attention', lambda *a: calls.append(1) or original(*a))
     ref = reference[name]
     unet = _load_reference(ResShiftUNet(**config), ref, ref['seed'])
     fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
@@ -155,6 +165,7 @@ def test_unet_forward_matches_official(reference, name, config, layout):
             assert out.shape == case['out'].shape
             err = (out - case['out']).abs().max().item()
             assert err < 1e-5 * max(1.0, case['out'].abs().max().item()), (name, tuple(case['x'].shape), err)
+    assert bool(calls) == (attention == 'compiled')
 
 
 def test_vq_encode_decode_match_official(reference):
