@@ -4,11 +4,11 @@ Measured side by side in one run: every round runs each variant once, in a rotat
 that machine noise hits all variants alike; the tables give medians and the median of per-round
 speed-ups. Also checks that FastSwinIR fp32 equals BasicSR's SwinIR on the same weights, and the
 PSNR of the reduced-precision output against fp32 on photographs shipped with scikit-image.
-On the CPU, FastSwinIR fp32 also runs with its attention in PyTorch operations instead of the
-compiled kernel (``dtkd_arch.cpu_kernels``), and with its fully connected layers fixed to BLAS and
-to oneDNN next to the default per-shape choice (``dtkd_arch.cpu_ops``), whose picks are printed at
-the end; bf16 is timed only on CPUs with bf16 instructions (elsewhere it is many times slower than
-fp32).
+On the CPU, FastSwinIR fp32 also runs without its compiled C++ kernels (``dtkd_arch.cpu_kernels``:
+window attention and LayerNorm, then in PyTorch operations), and with its fully connected layers
+fixed to BLAS and to oneDNN next to the default per-shape choice (``dtkd_arch.cpu_ops``), whose
+picks are printed at the end; bf16 is timed only on CPUs with bf16 instructions (elsewhere it is
+many times slower than fp32).
 
     python scripts/benchmark_student.py [--sizes 64 128] [--repeats 9] [--train-iters 7] [--threads 2]
         [--device auto|cpu|cuda] [--weights net_g.pth] [--compile] [--no-train] [--no-inference]
@@ -52,7 +52,7 @@ STUDENT = dict(upscale=4, img_size=64, window_size=8, img_range=1., depths=[6, 6
 PAPER_LATENCY_MS = 19.09  # SwinIR-small inference time reported in the DTKD paper (its GPU)
 # CPU variants of FastSwinIR fp32: name -> (fully connected layers, compiled attention kernel). 'auto' is the
 # per-shape choice of dtkd_arch.cpu_ops; 'blas' (F.linear) and 'onednn' (1x1 convolution) fix one library.
-CPU_VARIANTS = {'FastSwinIR fp32, PyTorch attention': ('auto', False),
+CPU_VARIANTS = {'FastSwinIR fp32, no C++ kernels': ('auto', False),
                 'FastSwinIR fp32, BLAS linear': ('blas', True),
                 'FastSwinIR fp32, oneDNN linear': ('onednn', True)}
 
