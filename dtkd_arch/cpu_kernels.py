@@ -96,10 +96,35 @@ def _build():
     logger.setLevel(logging.ERROR)
     try:
         from torch.utils import cpp_extension
-        cpp_extension.load(name=build_name(), sources=[_SOURCE], extra_cflags=cflags, extra_ldflags=['-fopenmp'],
-                           with_cuda=False, is_python_module=False, verbose=False)
+        name = build_name()
+        build_dir = cpp_extension._get_build_directory(name, verbose=False)
+        source = _stage_sources(os.path.join(build_dir, 'src'))
+        cpp_extension.load(name=name, sources=[source], extra_cflags=cflags, extra_ldflags=['-fopenmp'],
+                           build_directory=build_dir, with_cuda=False, is_python_module=False, verbose=False)
     finally:
         logger.setLevel(level)
+
+
+def _stage_sources(folder):
+    """Copy the sources into the build directory (atomically, only where missing or different) and return
+    the path of the main source there. The build then names the same paths from every checkout of the
+    same sources, so two clones do not rebuild each other's library (ninja's build file holds the paths)."""
+    os.makedirs(folder, exist_ok=True)
+    for name in sorted(os.listdir(_CSRC)):
+        with open(os.path.join(_CSRC, name), 'rb') as f:
+            data = f.read()
+        target = os.path.join(folder, name)
+        try:
+            with open(target, 'rb') as f:
+                if f.read() == data:
+                    continue
+        except OSError:
+            pass
+        tmp = f'{target}.{os.getpid()}.tmp'
+        with open(tmp, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, target)
+    return os.path.join(folder, os.path.basename(_SOURCE))
 
 
 def load():

@@ -108,9 +108,12 @@ class WindowAttention(nn.Module):
         (non-differentiable) bias tensor is unchanged."""
         if attn_bias.requires_grad:
             return attn_bias.transpose(-2, -1)
-        cached = getattr(self, '_bias_t', None)  # (the bias tensor itself, its version, transposed copy)
-        if cached is None or cached[0] is not attn_bias or cached[1] != attn_bias._version:
-            cached = self._bias_t = (attn_bias, attn_bias._version, attn_bias.transpose(-2, -1).contiguous())
+        # (the bias tensor itself, its version, transposed copy); tensors made under inference_mode have no
+        # version counter (the block's bias cache never edits its tensors in place)
+        version = -1 if attn_bias.is_inference() else attn_bias._version
+        cached = getattr(self, '_bias_t', None)
+        if cached is None or cached[0] is not attn_bias or cached[1] != version:
+            cached = self._bias_t = (attn_bias, version, attn_bias.transpose(-2, -1).contiguous())
         return cached[2]
 
     def position_bias(self):

@@ -223,3 +223,19 @@ def test_layer_norm_gradient_flags_and_errors():
     with pytest.raises(RuntimeError, match='float32'):
         op(x.detach().double(), None, None, 1e-5)
     assert cpu_kernels.supports_tokens(x) and not cpu_kernels.supports_tokens(x.double())
+
+
+def test_sources_are_staged_once_into_the_build_directory(tmp_path):
+    """The build compiles copies in its own directory (the same paths from every checkout); a second staging of
+    unchanged sources rewrites nothing, so ninja sees no change and does not rebuild."""
+    source = cpu_kernels._stage_sources(str(tmp_path / 'src'))
+    assert source == str(tmp_path / 'src' / 'cpu_kernels.cpp')
+    names = sorted(os.listdir(cpu_kernels._CSRC))
+    assert sorted(os.listdir(tmp_path / 'src')) == names and 'window_attention_kernels.h' in names
+    os.utime(tmp_path / 'src' / names[0], ns=(1, 1))
+    (tmp_path / 'src' / names[1]).write_bytes(b'edited')
+    cpu_kernels._stage_sources(str(tmp_path / 'src'))
+    assert os.stat(tmp_path / 'src' / names[0]).st_mtime_ns == 1  # unchanged content: left alone
+    for n in names:
+        with open(os.path.join(cpu_kernels._CSRC, n), 'rb') as f:
+            assert (tmp_path / 'src' / n).read_bytes() == f.read()

@@ -239,3 +239,16 @@ def test_cached_bias_follows_weight_changes():
                 p.uniform_(-1, 1)
         unet.load_state_dict(other.state_dict())
         assert torch.allclose(unet(x, t, lq=lq), other(x, t, lq=lq), atol=1e-6)
+
+
+def test_unet_under_inference_mode_matches_no_grad():
+    """The kernel path's cached transposed bias also works for inference tensors (no version counter)."""
+    torch.manual_seed(0)
+    unet = ResShiftUNet(**TINY_UNET).eval()
+    x, lq, t = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.tensor([3, 7])
+    with torch.no_grad():
+        expected = unet(x, t, lq=lq)
+    with torch.inference_mode():
+        first = unet(x, t, lq=lq)
+        second = unet(x, t, lq=lq)  # served from the caches
+    assert torch.equal(first, second) and (first - expected).abs().max() < 1e-6
