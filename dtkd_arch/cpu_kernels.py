@@ -16,8 +16,8 @@ The kernel is compiled with the system C++ compiler through ``torch.utils.cpp_ex
 time it is needed (about 10-20 s on 2 cores), with ``-O3 -march=native``, into torch's extension
 cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under a name that holds a
 hash of the CPU's feature flags and of the sources, so a cache shared between different CPUs never
-serves a binary built for another instruction set, and an edited kernel is always rebuilt. Later
-processes load the cached library in well under a second.
+serves a binary built for another instruction set (or torch version), and an edited kernel is always
+rebuilt. Later processes load the cached library directly, in milliseconds.
 
 If the build fails (no compiler, say), :func:`available` is False, FastSwinIR falls back to its
 PyTorch attention (same results within float rounding, slower) and one RuntimeWarning gives the
@@ -76,10 +76,11 @@ def using_kernels(flag):
 
 
 def build_name():
-    """Extension name: the kernels' purpose plus a hash of the machine's architecture, its CPU flags and the
-    sources (headers included: torch's own rebuild check looks only at the listed source files)."""
+    """Extension name: the kernels' purpose plus a hash of the machine's architecture, its CPU flags, the torch
+    version and the sources (headers included: torch's own rebuild check looks only at the listed source
+    files). A library of that name, once built, is loaded without running the build tools again."""
     from dtkd_arch.cpu_ops import _cpu_flags
-    digest = hashlib.sha1(f'{platform.machine()} {" ".join(sorted(_cpu_flags() or ()))}'.encode())
+    digest = hashlib.sha1(f'{platform.machine()} {" ".join(sorted(_cpu_flags() or ()))} {torch.__version__}'.encode())
     for name in sorted(os.listdir(_CSRC)):
         with open(os.path.join(_CSRC, name), 'rb') as f:
             digest.update(name.encode() + b'\0' + f.read())
@@ -98,6 +99,15 @@ def _build():
         from torch.utils import cpp_extension
         name = build_name()
         build_dir = cpp_extension._get_build_directory(name, verbose=False)
+        library = os.path.join(build_dir, f'{name}.so')
+        if os.path.exists(library):  # built before from these very sources, flags and torch: just load it
+            try:
+                torch.ops.load_library(library)
+                return
+            except OSError:  # unusable (e.g. cut short): let the build below check and redo it
+                pass
+        logging.getLogger('basicsr').info('dtkd_arch.cpu_kernels: compiling the CPU kernels into %s (once per '
+                                          'machine and version, about 20 s)', build_dir)
         source = _stage_sources(os.path.join(build_dir, 'src'))
         cpp_extension.load(name=name, sources=[source], extra_cflags=cflags, extra_ldflags=['-fopenmp'],
                            build_directory=build_dir, with_cuda=False, is_python_module=False, verbose=False)

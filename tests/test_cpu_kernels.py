@@ -239,3 +239,14 @@ def test_sources_are_staged_once_into_the_build_directory(tmp_path):
     for n in names:
         with open(os.path.join(cpu_kernels._CSRC, n), 'rb') as f:
             assert (tmp_path / 'src' / n).read_bytes() == f.read()
+
+
+def test_a_built_library_is_loaded_without_the_build_tools():
+    """A later process loads the cached library directly: it works even where cpp_extension.load would fail."""
+    code = ('import torch.utils.cpp_extension as ext\n'
+            'def refuse(*a, **k):\n'
+            '    raise RuntimeError("the build tools ran")\n'
+            'ext.load = refuse\n'
+            'from dtkd_arch import cpu_kernels\n'
+            'assert cpu_kernels.available(), cpu_kernels.build_error()\n')
+    subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT, timeout=300)
