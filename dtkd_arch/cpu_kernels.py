@@ -24,7 +24,6 @@ PyTorch attention (same results within float rounding, slower) and one RuntimeWa
 compiler's message. ``DTKD_CPU_KERNELS=0`` (or :func:`set_enabled`) switches the compiled kernels
 off without trying to build them.
 """
-import contextlib
 import hashlib
 import logging
 import os
@@ -33,6 +32,8 @@ import threading
 import warnings
 
 import torch
+
+from dtkd_arch import cpu_ops
 
 _ENV = 'DTKD_CPU_KERNELS'
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
@@ -65,22 +66,17 @@ def enabled():
     return _enabled
 
 
-@contextlib.contextmanager
 def using_kernels(flag):
     """``set_enabled(flag)`` for the body of a ``with`` block, then the previous setting again."""
-    previous = set_enabled(flag)
-    try:
-        yield
-    finally:
-        set_enabled(previous)
+    return cpu_ops.scoped_setting(set_enabled, flag)
 
 
 def build_name():
     """Extension name: the kernels' purpose plus a hash of the machine's architecture, its CPU flags, the torch
     version and the sources (headers included: torch's own rebuild check looks only at the listed source
     files). A library of that name, once built, is loaded without running the build tools again."""
-    from dtkd_arch.cpu_ops import _cpu_flags
-    digest = hashlib.sha1(f'{platform.machine()} {" ".join(sorted(_cpu_flags() or ()))} {torch.__version__}'.encode())
+    flags = ' '.join(sorted(cpu_ops._cpu_flags() or ()))
+    digest = hashlib.sha1(f'{platform.machine()} {flags} {torch.__version__}'.encode())
     for name in sorted(os.listdir(_CSRC)):
         with open(os.path.join(_CSRC, name), 'rb') as f:
             digest.update(name.encode() + b'\0' + f.read())

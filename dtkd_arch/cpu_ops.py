@@ -81,13 +81,19 @@ def linear_backend():
 
 
 @contextlib.contextmanager
-def using_linear_backend(name):
-    """``set_linear_backend(name)`` for the body of a ``with`` block, then the previous setting again."""
-    previous = set_linear_backend(name)
+def scoped_setting(setter, value):
+    """``setter(value)`` for the body of a ``with`` block, then the previous setting again; ``setter``
+    returns the previous setting (as ``set_linear_backend`` and ``cpu_kernels.set_enabled`` do)."""
+    previous = setter(value)
     try:
         yield
     finally:
-        set_linear_backend(previous)
+        setter(previous)
+
+
+def using_linear_backend(name):
+    """``set_linear_backend(name)`` for the body of a ``with`` block, then the previous setting again."""
+    return scoped_setting(set_linear_backend, name)
 
 
 def linear_choices():

@@ -483,8 +483,7 @@ class _WindowAttention(nn.Module):
         table = self.relative_position_bias_table
         grad = torch.is_grad_enabled() and (qkv.requires_grad or table.requires_grad)
         dropout = self.attn_drop.p if self.training else 0.
-        if (_CPU_ATTENTION and window_patterns is not None and qkv.device.type == 'cpu'
-                and cpu_kernels.supports(qkv, n, heads, dropout)):
+        if _CPU_ATTENTION and window_patterns is not None and cpu_kernels.supports(qkv, n, heads, dropout):
             masks_t = self.folded_masks(patterns, qkv.dtype, qkv.device, transposed=True,
                                         differentiable=grad and table.requires_grad)
             return cpu_kernels.window_attention(qkv, masks_t, window_patterns, heads, self.scale)
