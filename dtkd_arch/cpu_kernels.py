@@ -1,4 +1,5 @@
-"""Compiled CPU kernels (C++), built on first use: fused window attention and LayerNorm for FastSwinIR.
+"""Compiled CPU kernels (C++), built on first use: fused window attention and LayerNorm for FastSwinIR,
+and Winograd 3x3 convolutions for the ResShift teacher.
 
 ``window_attention(qkv, masks_t, pattern, heads, scale)`` computes ``softmax(q k^T scale + mask) v``
 for every window and head of FastSwinIR's window-ordered token stream in one pass per (window,
@@ -11,6 +12,16 @@ intermediate tensor; ``scripts/benchmark_student.py`` prints the speed with and 
 
 ``layer_norm(x, weight, bias, eps)`` is the LayerNorm of FastSwinIR's (tokens, channels) streams
 with its backward, one pass over each row per direction.
+
+:class:`Conv2d` is ``nn.Conv2d`` (same parameters and state-dict keys) whose 3x3 convolutions with
+stride 1 and padding 1 can run as Winograd F(2x2, 3x3) convolutions in fp32 inference: the compiled
+input and output transforms (``csrc/winograd_kernels.h``) around one batched matrix product per
+block of tiles, 2.25x fewer multiplications than a direct convolution and, measured against
+float64, no less accurate (its transform coefficients are 0, +-1 and +-1/2). Each input shape is
+measured once per process against oneDNN's direct convolution, the way :mod:`dtkd_arch.cpu_ops`
+tunes its fully connected layers, and the faster is kept; ``DTKD_CPU_CONV=direct|winograd|auto``
+(or :func:`set_conv_algorithm`) fixes the choice. Training (autograd), autocast, other dtypes,
+devices and convolution shapes use ``F.conv2d``.
 
 The kernel is compiled with the system C++ compiler through ``torch.utils.cpp_extension`` the first
 time it is needed (about 10-20 s on 2 cores), with ``-O3 -march=native``, into torch's extension
@@ -26,12 +37,15 @@ off without trying to build them.
 """
 import hashlib
 import logging
+import math
 import os
 import platform
 import threading
 import warnings
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from dtkd_arch import cpu_ops
 
@@ -236,3 +250,143 @@ def layer_norm(x, weight, bias, eps):
     if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))):
         return _LayerNorm.apply(x, weight, bias, float(eps))
     return torch.ops.dtkd_cpu.layer_norm_forward(x, weight, bias, float(eps))[0]
+
+
+# ---- 3x3 convolutions as Winograd F(2x2, 3x3) ----
+
+_CONV_ENV = 'DTKD_CPU_CONV'
+_CONV_ALGORITHMS = ('auto', 'direct', 'winograd')
+_CONV_TRIALS = 3  # timed runs per algorithm when a shape is tuned (convolutions are long, their ratio large)
+_PROBE_FLOP = 4e9  # a larger convolution is tuned on a strip of rows of its first image of about this much work
+_BLOCK_TILES = 1024  # tiles per batched product, fewer for wide layers (see _block_rows)
+_BLOCK_FLOATS = 1 << 21  # at most this many transformed input values (8 MiB) per block
+_G = ((1., 0., 0.), (.5, .5, .5), (.5, -.5, .5), (0., 0., 1.))  # filter transform of F(2x2, 3x3)
+
+
+def _conv_algorithm_from_environment():
+    name = os.environ.get(_CONV_ENV, 'auto').strip().lower() or 'auto'
+    if name not in _CONV_ALGORITHMS:
+        raise ValueError(f'environment variable {_CONV_ENV}={os.environ[_CONV_ENV]!r}: use one of {_CONV_ALGORITHMS}')
+    return name
+
+
+_conv_algorithm = _conv_algorithm_from_environment()
+
+
+def set_conv_algorithm(name):
+    """How :class:`Conv2d` runs the 3x3 convolutions it can: 'auto' (the faster of the two, measured per
+    shape; default), 'direct' (``F.conv2d``) or 'winograd'. Returns the previous setting."""
+    global _conv_algorithm
+    if name not in _CONV_ALGORITHMS:
+        raise ValueError(f'convolution algorithm must be one of {_CONV_ALGORITHMS}, got {name!r}')
+    previous, _conv_algorithm = _conv_algorithm, name
+    return previous
+
+
+def conv_algorithm():
+    return _conv_algorithm
+
+
+def using_conv_algorithm(name):
+    """``set_conv_algorithm(name)`` for the body of a ``with`` block, then the previous setting again."""
+    return cpu_ops.scoped_setting(set_conv_algorithm, name)
+
+
+def winograd_weights(weight):
+    """The transformed filters ``U = G g G^T`` of a (Co, Ci, 3, 3) weight, as (16, Co, Ci) float32 (computed
+    in float64): position ``p = 4a + b`` of the 4x4 transformed tile is ``U[p]``."""
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f'winograd_weights: a (Co, Ci, 3, 3) weight expected, got {tuple(weight.shape)}')
+    g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
+    u = torch.einsum('ak,oikl,bl->aboi', g, weight.detach().double(), g)
+    return u.reshape(16, weight.shape[0], weight.shape[1]).float().contiguous()
+
+
+def _block_rows(tiles_h, tiles_w, c):
+    tiles = max(1, min(_BLOCK_TILES, _BLOCK_FLOATS // (16 * c)))
+    return max(1, min(tiles_h, tiles // tiles_w))
+
+
+def conv3x3_winograd(x, u, bias=None):
+    """``F.conv2d(x, weight, bias, padding=1)`` for float32 CPU x (N, Ci, H, W), with ``u =
+    winograd_weights(weight)``: per block of tile rows, the compiled input transform, one batched product
+    ``M = U V`` and the compiled output transform (plus bias). Returns a contiguous (N, Co, H, W) tensor."""
+    if not load():
+        raise RuntimeError(f'dtkd_arch.cpu_kernels: the kernels are not built ({_state["error"]})')
+    if x.dim() != 4 or u.dim() != 3 or u.shape[0] != 16 or u.shape[2] != x.shape[1]:
+        raise ValueError(f'conv3x3_winograd: input (N, Ci, H, W) and transformed weights (16, Co, Ci) expected, '
+                         f'got {tuple(x.shape)} and {tuple(u.shape)}')
+    x = x.contiguous()
+    n, c, h, w = x.shape
+    co = u.shape[1]
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    out = x.new_empty(n, co, h, w)
+    if out.numel() == 0:
+        return out
+    block = _block_rows(th, tw, c)
+    v_buf = x.new_empty(16 * c * block * tw)
+    m_buf = x.new_empty(16 * co * block * tw)
+    bias = None if bias is None else bias.detach().contiguous()
+    for i in range(n):
+        for r0 in range(0, th, block):
+            rows = min(block, th - r0)
+            t = rows * tw
+            v = v_buf[:16 * c * t].view(16, c, t)
+            torch.ops.dtkd_cpu.winograd_f2_input(x, i, r0, rows, v)
+            m = m_buf[:16 * co * t].view(16, co, t)
+            torch.bmm(u, v, out=m)
+            torch.ops.dtkd_cpu.winograd_f2_output(m, bias, i, r0, rows, out)
+    return out
+
+
+def supports_conv3x3(x, weight, stride, padding, dilation, groups):
+    """Whether :func:`conv3x3_winograd` can replace ``F.conv2d(x, weight, ..., stride, padding, dilation,
+    groups)``: a 3x3 float32 convolution on the CPU with stride 1, padding 1, no dilation or groups, no
+    gradient needed, outside autocast and ``torch.compile`` tracing, and the kernels built."""
+    return (x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 4
+            and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
+            and tuple(dilation) == (1, 1) and groups == 1
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling() and available())
+
+
+def _probe(x, out_channels):
+    """What a convolution of x is tuned on: a strip of whole rows of its first image (the same tiles per row
+    as x), at least one block of tile rows and about ``_PROBE_FLOP`` of direct-convolution work, when that is
+    at most half of x; else None (x itself)."""
+    n, c, h, w = x.shape
+    flop_per_row = 18 * w * c * out_channels
+    rows = max(2 * _block_rows((h + 1) // 2, (w + 1) // 2, c), 2 * math.ceil(_PROBE_FLOP / (2 * flop_per_row)))
+    if 2 * rows > n * h:
+        return None
+    return (x[:1, :, :rows].contiguous(),)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose 3x3 stride-1 padding-1 convolutions run, in fp32 CPU inference, through the faster
+    of oneDNN's direct convolution and :func:`conv3x3_winograd` (measured once per input shape and thread
+    count; see :func:`set_conv_algorithm`). Every other case is ``nn.Conv2d`` itself."""
+
+    def forward(self, x):
+        if (_conv_algorithm == 'direct' or self.padding_mode != 'zeros' or not isinstance(self.padding, tuple)
+                or not supports_conv3x3(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
+                or (self.bias is not None and torch.is_grad_enabled() and self.bias.requires_grad)):
+            return super().forward(x)
+        u = self._winograd_weights()
+        if _conv_algorithm == 'winograd':
+            return conv3x3_winograd(x, u, self.bias)
+        candidates = {'direct': lambda t: F.conv2d(t, self.weight, self.bias, 1, 1),
+                      'winograd': lambda t: conv3x3_winograd(t, u, self.bias)}
+        key = (tuple(x.shape), self.out_channels, self.bias is not None, torch.get_num_threads())
+        return cpu_ops._tuned('conv3x3', key, candidates, x, trials=_CONV_TRIALS, probe=_probe(x, self.out_channels))
+
+    def _winograd_weights(self):
+        """:func:`winograd_weights` of the weight, cached while the weight tensor, its storage and its version
+        are unchanged (``load_state_dict`` and optimiser steps edit it in place, ``.to()`` replaces it)."""
+        weight = self.weight
+        version = -1 if weight.is_inference() else weight._version
+        key = (id(weight), weight.data_ptr(), version)
+        cached = getattr(self, '_winograd_cache', None)
+        if cached is None or cached[0] != key:
+            cached = self._winograd_cache = (key, winograd_weights(weight))
+        return cached[1]

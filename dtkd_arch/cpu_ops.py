@@ -181,19 +181,22 @@ _GRAD_INPUT = {'blas': lambda g, w: torch.mm(g, w),
 _GRAD_WEIGHT = {'blas': lambda g, x, w: torch.mm(g.t(), x), 'onednn': _conv_weight_grad}
 
 
-def _tuned(name, key, candidates, *args):
-    """Run the fastest of ``candidates`` (name -> function) for ``key``, measuring them on first use."""
+def _tuned(name, key, candidates, *args, trials=_TRIALS, probe=None):
+    """Run the fastest of ``candidates`` (name -> function) for ``key``, measuring them on first use
+    (one untimed and ``trials`` timed runs each, interleaved; the best time counts). ``probe``: other
+    arguments to measure on (a smaller problem of the same kind), instead of ``args``."""
     key = (name,) + key
     choice = _choices.get(key)
     if choice is not None:
         return candidates[choice](*args)
+    sample = args if probe is None else probe
     best = {}
     for fn in candidates.values():
-        fn(*args)  # the first call of a shape also builds oneDNN's kernel
-    for _ in range(_TRIALS):
+        fn(*sample)  # the first call of a shape also builds oneDNN's kernel
+    for _ in range(trials):
         for cand, fn in candidates.items():
             start = time.perf_counter()
-            fn(*args)  # the result is dropped at once: measuring holds no more memory than a plain call
+            fn(*sample)  # the result is dropped at once: measuring holds no more memory than a plain call
             best[cand] = min(best.get(cand, math.inf), time.perf_counter() - start)
     choice = min(best, key=best.get)
     _choices[key] = choice

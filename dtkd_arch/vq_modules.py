@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtkd_arch.cpu_kernels import Conv2d
 from dtkd_arch.cpu_ops import linear
 
 
@@ -24,12 +25,12 @@ class ResnetBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or in_channels
         self.norm1 = _norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = _norm(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.nin_shortcut = Conv2d(in_channels, out_channels, 1)
         else:
             self.nin_shortcut = None
 
@@ -47,10 +48,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels):
         super().__init__()
         self.norm = _norm(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -71,7 +72,7 @@ class Downsample(nn.Module):
         super().__init__()
         self.with_conv = with_conv
         if with_conv:
-            self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+            self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x):
         if self.with_conv:
@@ -86,7 +87,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.with_conv = with_conv
         if with_conv:
-            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+            self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         x = F.interpolate(x, scale_factor=2.0, mode='nearest')
@@ -108,7 +109,7 @@ class Encoder(nn.Module):
                  double_z=True, dropout=0.0, resamp_with_conv=True):
         super().__init__()
         self.num_res_blocks = _per_level(num_res_blocks, ch_mult)
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         res = resolution
         block_in = ch
@@ -131,7 +132,7 @@ class Encoder(nn.Module):
         self.mid.attn_1 = AttnBlock(block_in)
         self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
         self.norm_out = _norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
+        self.conv_out = Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -157,7 +158,7 @@ class Decoder(nn.Module):
         self.tanh_out = tanh_out
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
-        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.conv_in = Conv2d(z_channels, block_in, 3, padding=1)
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
         self.mid.attn_1 = AttnBlock(block_in)
@@ -180,7 +181,7 @@ class Decoder(nn.Module):
         # Indexed by level (0 = full resolution), as in the reference checkpoints.
         self.up = nn.ModuleList(stages)
         self.norm_out = _norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
+        self.conv_out = Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z):
         h = self.conv_in(z)

@@ -1,6 +1,8 @@
 // CPU kernels of FastSwinIR, fp32, registered as torch operators (namespace dtkd_cpu):
 //   window_attention_forward / window_attention_backward: fused window attention (window_attention_kernels.h);
-//   layer_norm_forward / layer_norm_backward: LayerNorm over the last dimension (token_kernels.h).
+//   layer_norm_forward / layer_norm_backward: LayerNorm over the last dimension (token_kernels.h);
+//   winograd_f2_input / winograd_f2_output: the transforms of a Winograd F(2x2, 3x3) convolution
+//   (winograd_kernels.h), whose products dtkd_arch/cpu_kernels.py runs as one batched GEMM.
 // Built on first use by dtkd_arch/cpu_kernels.py (torch.utils.cpp_extension, -O3 -march=native).
 //
 // Window attention: softmax(q k^T * scale + mask) v for every window and head.
@@ -37,6 +39,7 @@
 
 #include "token_kernels.h"
 #include "window_attention_kernels.h"
+#include "winograd_kernels.h"
 
 namespace {
 
@@ -214,6 +217,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
   return {dx, dw, db};
 }
 
+
+// ---- Winograd F(2x2, 3x3) transforms, one image and a block of tile rows at a time ----
+//   x    (N, C, H, W)        input, contiguous float32
+//   v    (16, C, rows * tw)  transformed input tiles of tile rows [row0, row0 + rows) of image n
+//   m    (16, Co, rows * tw) their products with the transformed filters
+//   out  (N, Co, H, W)       output rows 2 * row0 .. 2 * (row0 + rows) - 1 of image n (inside the image)
+// with tw = ceil(W / 2) tiles per row and ceil(H / 2) tile rows.
+
+void check_planes(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 && t.is_contiguous(),
+              "dtkd_cpu ", what, ": a contiguous float32 CPU tensor (N, C, H, W) expected, got ", t.sizes());
+}
+
+void check_tiles(const at::Tensor& t, int64_t channels, int64_t tiles, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 3 &&
+                  t.size(0) == 16 && t.size(1) == channels && t.size(2) == tiles,
+              "dtkd_cpu ", what, ": a contiguous float32 tensor (16, ", channels, ", ", tiles, ") expected, got ",
+              t.sizes());
+}
+
+void check_block(const at::Tensor& planes, int64_t image, int64_t row0, int64_t rows, const char* what) {
+  const int64_t th = (planes.size(2) + 1) / 2;
+  TORCH_CHECK(image >= 0 && image < planes.size(0) && row0 >= 0 && rows > 0 && row0 + rows <= th, "dtkd_cpu ",
+              what, ": image ", image, ", tile rows [", row0, ", ", row0 + rows, ") outside ", planes.size(0),
+              " images of ", th, " tile rows");
+}
+
+void winograd_f2_input(const at::Tensor& x, int64_t image, int64_t row0, int64_t rows, const at::Tensor& v) {
+  check_planes(x, "winograd_f2_input");
+  check_block(x, image, row0, rows, "winograd_f2_input");
+  const int64_t c = x.size(1), h = x.size(2), w = x.size(3), tw = (w + 1) / 2, tiles = rows * tw;
+  check_tiles(v, c, tiles, "winograd_f2_input v");
+  const float* xp = x.const_data_ptr<float>() + image * c * h * w;
+  float* vp = v.data_ptr<float>();
+  at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(dtkd_wg::input_scratch(tw));
+    for (int64_t ci = begin; ci < end; ++ci) {
+      dtkd_wg::input_rows(xp + ci * h * w, h, w, row0, rows, tw, vp + ci * tiles, c * tiles, scratch.data());
+    }
+  });
+}
+
+void winograd_f2_output(const at::Tensor& m, const std::optional<at::Tensor>& bias, int64_t image, int64_t row0,
+                        int64_t rows, const at::Tensor& out) {
+  check_planes(out, "winograd_f2_output out");
+  check_block(out, image, row0, rows, "winograd_f2_output");
+  const int64_t co = out.size(1), h = out.size(2), w = out.size(3), tw = (w + 1) / 2, tiles = rows * tw;
+  check_tiles(m, co, tiles, "winograd_f2_output m");
+  const float* b = optional_vector(bias, co, "winograd_f2_output bias");
+  const float* mp = m.const_data_ptr<float>();
+  float* op = out.data_ptr<float>() + image * co * h * w;
+  at::parallel_for(0, co, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(dtkd_wg::output_scratch(tw));
+    for (int64_t o = begin; o < end; ++o) {
+      dtkd_wg::output_rows(mp + o * tiles, co * tiles, b ? b[o] : 0.f, op + o * h * w, h, w, row0, rows, tw,
+                           scratch.data());
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dtkd_cpu, m) {
@@ -224,6 +287,8 @@ TORCH_LIBRARY(dtkd_cpu, m) {
   m.def("layer_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, bool weight_grad, "
         "bool bias_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("winograd_f2_input(Tensor x, int image, int row0, int rows, Tensor(a!) v) -> ()");
+  m.def("winograd_f2_output(Tensor m, Tensor? bias, int image, int row0, int rows, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dtkd_cpu, CPU, m) {
@@ -231,4 +296,6 @@ TORCH_LIBRARY_IMPL(dtkd_cpu, CPU, m) {
   m.impl("layer_norm_backward", &layer_norm_backward);
   m.impl("window_attention_forward", &window_attention_forward);
   m.impl("window_attention_backward", &window_attention_backward);
+  m.impl("winograd_f2_input", &winograd_f2_input);
+  m.impl("winograd_f2_output", &winograd_f2_output);
 }
