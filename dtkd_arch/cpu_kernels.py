@@ -20,7 +20,8 @@ block of tiles, 2.25x fewer multiplications than a direct convolution and, measu
 float64, no less accurate (its transform coefficients are 0, +-1 and +-1/2). Each input shape is
 measured once per process against oneDNN's direct convolution, the way :mod:`dtkd_arch.cpu_ops`
 tunes its fully connected layers, and the faster is kept; ``DTKD_CPU_CONV=direct|winograd|auto``
-(or :func:`set_conv_algorithm`) fixes the choice. Training (autograd), autocast, other dtypes,
+(or :func:`set_conv_algorithm`) fixes the choice. In training the gradient of the input is a 3x3
+convolution too and goes the same way; the weight gradient stays oneDNN's. Autocast, other dtypes,
 devices and convolution shapes use ``F.conv2d``.
 
 The kernel is compiled with the system C++ compiler through ``torch.utils.cpp_extension`` the first
@@ -340,13 +341,12 @@ def conv3x3_winograd(x, u, bias=None):
 
 
 def supports_conv3x3(x, weight, stride, padding, dilation, groups):
-    """Whether :func:`conv3x3_winograd` can replace ``F.conv2d(x, weight, ..., stride, padding, dilation,
-    groups)``: a 3x3 float32 convolution on the CPU with stride 1, padding 1, no dilation or groups, no
-    gradient needed, outside autocast and ``torch.compile`` tracing, and the kernels built."""
+    """Whether :func:`conv3x3` can replace ``F.conv2d(x, weight, ..., stride, padding, dilation, groups)``: a 3x3
+    float32 convolution on the CPU with stride 1, padding 1, no dilation or groups, outside autocast and
+    ``torch.compile`` tracing, and the kernels built."""
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 4
             and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
             and tuple(dilation) == (1, 1) and groups == 1
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling() and available())
 
 
@@ -362,23 +362,62 @@ def _probe(x, out_channels):
     return (x[:1, :, :rows].contiguous(),)
 
 
+def conv3x3(x, weight, bias, transformed):
+    """``F.conv2d(x, weight, bias, padding=1)`` (no autograd) by the algorithm :func:`set_conv_algorithm` selects;
+    'auto' measures both once per (input shape, output channels, bias, threads). ``transformed()`` returns
+    ``winograd_weights(weight)`` (called only when the Winograd algorithm runs)."""
+    if _conv_algorithm == 'winograd':
+        return conv3x3_winograd(x, transformed(), bias)
+    if _conv_algorithm == 'direct':
+        return F.conv2d(x, weight, bias, 1, 1)
+    candidates = {'direct': lambda t: F.conv2d(t, weight, bias, 1, 1),
+                  'winograd': lambda t: conv3x3_winograd(t, transformed(), bias)}
+    key = (tuple(x.shape), weight.shape[0], bias is not None, torch.get_num_threads())
+    return cpu_ops._tuned('conv3x3', key, candidates, x, trials=_CONV_TRIALS, probe=_probe(x, weight.shape[0]))
+
+
+class _Conv3x3(torch.autograd.Function):
+    """:func:`conv3x3` with autograd: the gradient of the input is the 3x3 convolution of the output gradient
+    with the filters flipped and transposed (run by :func:`conv3x3` too); the weight and bias gradients are
+    oneDNN's (``aten.convolution_backward``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, transformed):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return conv3x3(x, weight, bias, transformed)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            flipped = weight.flip(2, 3).transpose(0, 1).contiguous()
+            grad_x = conv3x3(grad, flipped, None, lambda: winograd_weights(flipped))
+        if need_w or (ctx.has_bias and need_b):
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                1, [False, need_w, ctx.has_bias and need_b])
+        return grad_x, grad_w, grad_b, None
+
+
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose 3x3 stride-1 padding-1 convolutions run, in fp32 CPU inference, through the faster
-    of oneDNN's direct convolution and :func:`conv3x3_winograd` (measured once per input shape and thread
-    count; see :func:`set_conv_algorithm`). Every other case is ``nn.Conv2d`` itself."""
+    """``nn.Conv2d`` whose 3x3 stride-1 padding-1 convolutions run, in fp32 on the CPU, through the faster of
+    oneDNN's direct convolution and :func:`conv3x3_winograd` (measured once per input shape and thread count;
+    see :func:`set_conv_algorithm`), in training too: the input gradient is such a convolution as well. Every
+    other case is ``nn.Conv2d`` itself."""
 
     def forward(self, x):
         if (_conv_algorithm == 'direct' or self.padding_mode != 'zeros' or not isinstance(self.padding, tuple)
-                or not supports_conv3x3(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
-                or (self.bias is not None and torch.is_grad_enabled() and self.bias.requires_grad)):
+                or not supports_conv3x3(x, self.weight, self.stride, self.padding, self.dilation, self.groups)):
             return super().forward(x)
-        u = self._winograd_weights()
-        if _conv_algorithm == 'winograd':
-            return conv3x3_winograd(x, u, self.bias)
-        candidates = {'direct': lambda t: F.conv2d(t, self.weight, self.bias, 1, 1),
-                      'winograd': lambda t: conv3x3_winograd(t, u, self.bias)}
-        key = (tuple(x.shape), self.out_channels, self.bias is not None, torch.get_num_threads())
-        return cpu_ops._tuned('conv3x3', key, candidates, x, trials=_CONV_TRIALS, probe=_probe(x, self.out_channels))
+        params = (x, self.weight) if self.bias is None else (x, self.weight, self.bias)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+            return _Conv3x3.apply(x, self.weight, self.bias, self._winograd_weights)
+        return conv3x3(x, self.weight, self.bias, self._winograd_weights)
 
     def _winograd_weights(self):
         """:func:`winograd_weights` of the weight, cached while the weight tensor, its storage and its version

@@ -116,27 +116,57 @@ def test_conv2d_module_matches_nn_conv2d(algorithm, monkeypatch):
         assert key[1] == (2, 12, 17, 10) and choice in ('direct', 'winograd')
 
 
+@pytest.mark.parametrize('algorithm', ['winograd', 'auto', 'direct'])
+@pytest.mark.parametrize('bias, input_grad', [(True, True), (False, True), (True, False)])
+def test_conv2d_module_gradients_match_float64(algorithm, bias, input_grad, monkeypatch):
+    calls = []
+    original = cpu_kernels.conv3x3_winograd
+    monkeypatch.setattr(cpu_kernels, 'conv3x3_winograd', lambda *a: calls.append(a[0].shape) or original(*a))
+    monkeypatch.setattr(cpu_ops, '_choices', {})
+    torch.manual_seed(2)
+    conv = cpu_kernels.Conv2d(6, 9, 3, padding=1, bias=bias)
+    ref = nn.Conv2d(6, 9, 3, padding=1, bias=bias).double()
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 6, 11, 8, requires_grad=input_grad)
+    x64 = x.detach().double().requires_grad_(input_grad)
+    g = torch.randn(2, 9, 11, 8)
+    with cpu_kernels.using_conv_algorithm(algorithm):
+        out = conv(x)
+        out.backward(g)
+    expected = ref(x64)
+    expected.backward(g.double())
+    pairs = [(out, expected), (conv.weight.grad, ref.weight.grad)]
+    pairs += [(x.grad, x64.grad)] if input_grad else []
+    pairs += [(conv.bias.grad, ref.bias.grad)] if bias else []
+    for got, want in pairs:
+        assert got.shape == want.shape
+        assert (got.double() - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item())
+    if not input_grad:
+        assert x.grad is None
+    if algorithm == 'winograd':  # the forward, and the input gradient (a convolution of 9 channels)
+        assert calls == [(2, 6, 11, 8)] + ([(2, 9, 11, 8)] if input_grad else [])
+    elif algorithm == 'direct':
+        assert not calls
+
+
 def test_conv2d_module_uses_the_plain_convolution_where_winograd_does_not_apply(monkeypatch):
     def fail(*args):
         raise AssertionError('Winograd used where it must not be')
 
     monkeypatch.setattr(cpu_kernels, 'conv3x3_winograd', fail)
-    x = torch.randn(1, 4, 8, 8, requires_grad=True)
-    with cpu_kernels.using_conv_algorithm('winograd'):
+    x = torch.randn(1, 4, 8, 8)
+    with cpu_kernels.using_conv_algorithm('winograd'), torch.no_grad():
         conv = cpu_kernels.Conv2d(4, 6, 3, padding=1)
-        conv(x).sum().backward()  # training: autograd needs F.conv2d's backward
-        assert x.grad is not None and conv.weight.grad is not None
-        with torch.no_grad():
-            for other in (cpu_kernels.Conv2d(4, 6, 3, stride=2, padding=1), cpu_kernels.Conv2d(4, 6, 1),
-                          cpu_kernels.Conv2d(4, 6, 3, padding=1, padding_mode='reflect'),
-                          cpu_kernels.Conv2d(4, 6, 3, padding=2, dilation=2),
-                          cpu_kernels.Conv2d(4, 4, 3, padding=1, groups=2)):
-                other(x)
-            conv.double()(x.double())
-            with torch.autocast('cpu', dtype=torch.bfloat16):
-                assert conv.float()(x).dtype == torch.bfloat16
-            with cpu_kernels.using_kernels(False):
-                conv(x)
+        for other in (cpu_kernels.Conv2d(4, 6, 3, stride=2, padding=1), cpu_kernels.Conv2d(4, 6, 1),
+                      cpu_kernels.Conv2d(4, 6, 3, padding=1, padding_mode='reflect'),
+                      cpu_kernels.Conv2d(4, 6, 3, padding=2, dilation=2),
+                      cpu_kernels.Conv2d(4, 4, 3, padding=1, groups=2)):
+            other(x)
+        conv.double()(x.double())
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert conv.float()(x).dtype == torch.bfloat16
+        with cpu_kernels.using_kernels(False):
+            conv(x)
 
 
 def test_cached_transformed_weights_follow_weight_changes():
