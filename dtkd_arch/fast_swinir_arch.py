@@ -662,20 +662,20 @@ class _RSTB(nn.Module):
 
 def _resi_conv(dim, resi_connection):
     if resi_connection == '1conv':
-        return cpu_kernels.Conv2d(dim, dim, 3, 1, 1)
+        return nn.Conv2d(dim, dim, 3, 1, 1)
     return nn.Sequential(
-        cpu_kernels.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(negative_slope=0.2, inplace=True),
-        cpu_kernels.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(negative_slope=0.2, inplace=True),
-        cpu_kernels.Conv2d(dim // 4, dim, 3, 1, 1))
+        nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(negative_slope=0.2, inplace=True),
+        nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(negative_slope=0.2, inplace=True),
+        nn.Conv2d(dim // 4, dim, 3, 1, 1))
 
 
 def _upsample(scale, num_feat):
     layers = []
     if (scale & (scale - 1)) == 0:
         for _ in range(int(math.log(scale, 2))):
-            layers += [cpu_kernels.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
+            layers += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
     elif scale == 3:
-        layers += [cpu_kernels.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3)]
+        layers += [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3)]
     else:
         raise ValueError(f'upscale {scale} is not supported by upsampler "pixelshuffle": use 2^n or 3.')
     return nn.Sequential(*layers)
@@ -776,7 +776,7 @@ class FastSwinIR(nn.Module):
         self.precision = precision
         self.use_compile = use_compile
 
-        self.conv_first = cpu_kernels.Conv2d(in_chans, embed_dim, 3, 1, 1)
+        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
         self.ape = ape
@@ -807,22 +807,22 @@ class FastSwinIR(nn.Module):
 
         if upsampler == 'pixelshuffle':
             self.conv_before_upsample = nn.Sequential(
-                cpu_kernels.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
+                nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
             self.upsample = _upsample(upscale, num_feat)
-            self.conv_last = cpu_kernels.Conv2d(num_feat, in_chans, 3, 1, 1)
+            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
         elif upsampler == 'pixelshuffledirect':
             self.upsample = nn.Sequential(
-                cpu_kernels.Conv2d(embed_dim, upscale**2 * in_chans, 3, 1, 1), nn.PixelShuffle(upscale))
+                nn.Conv2d(embed_dim, upscale**2 * in_chans, 3, 1, 1), nn.PixelShuffle(upscale))
         elif upsampler == 'nearest+conv':
             self.conv_before_upsample = nn.Sequential(
-                cpu_kernels.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
-            self.conv_up1 = cpu_kernels.Conv2d(num_feat, num_feat, 3, 1, 1)
-            self.conv_up2 = cpu_kernels.Conv2d(num_feat, num_feat, 3, 1, 1)
-            self.conv_hr = cpu_kernels.Conv2d(num_feat, num_feat, 3, 1, 1)
-            self.conv_last = cpu_kernels.Conv2d(num_feat, in_chans, 3, 1, 1)
+                nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
+            self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
             self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
         else:
-            self.conv_last = cpu_kernels.Conv2d(embed_dim, in_chans, 3, 1, 1)
+            self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
         self.apply(self._init_weights)
 
         blocks = [blk for layer in self.layers for blk in layer.residual_group.blocks]
