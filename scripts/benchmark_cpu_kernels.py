@@ -3,12 +3,16 @@
 1. Fully connected layers: for each layer shape and pass (forward, input gradient, weight gradient),
    the BLAS library (MKL in torch's wheels) against oneDNN, the two candidates between which
    ``dtkd_arch.cpu_ops`` picks per shape; with the pick of its default ('auto') backend.
-2. bf16 against fp32 for a 3x3 convolution (NCHW and channels-last), a fully connected layer and a
+2. 3x3 convolutions (stride 1, padding 1, fp32, batch 1): oneDNN's direct algorithm against the
+   Winograd F(2x2, 3x3) convolution of ``dtkd_arch.cpu_kernels``, with each one's largest error
+   against a float64 convolution and the pick of ``cpu_kernels.Conv2d``'s default ('auto'); the
+   default shapes are the ResShift UNet's, its VQ autoencoder's and SwinIR-small's.
+3. bf16 against fp32 for a 3x3 convolution (NCHW and channels-last), a fully connected layer and a
    batched matrix product: the ratio is large on CPUs without bf16 instructions (AVX512-BF16 or AMX),
    which is why DTKD warns when bf16 is asked for there.
 
     python scripts/benchmark_cpu_kernels.py [--rows 16384] [--layers 60x180 60x60 60x120 120x60]
-        [--repeats 7] [--threads 2] [--no-bf16] [--conv 160x64]
+        [--winograd 160x160x64 ...] [--repeats 7] [--threads 2] [--no-bf16] [--conv 160x64]
 
 Rounds are interleaved (every candidate once per round) and the tables give medians in ms.
 The default layer shapes are SwinIR-small's (qkv, proj, fc1, fc2) at a training batch of 4 x 64 x 64 tokens.
@@ -26,9 +30,13 @@ import dtkd_compat  # noqa: E402, F401  (must precede basicsr)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from dtkd_arch import cpu_ops  # noqa: E402
+from dtkd_arch import cpu_kernels, cpu_ops  # noqa: E402
 from dtkd_model.benchmarking import interleaved, machine_description, markdown_table  # noqa: E402
 
+# (in, out, side): SwinIR-small's body and second x2 upsampling convolution at 64x64 LR, the ResShift UNet's
+# widths at 64x64 latents, the VQ autoencoder's at 256x256 pixels
+WINOGRAD_SHAPES = [(60, 60, 64), (64, 256, 128), (160, 160, 64), (320, 320, 32), (640, 640, 16), (640, 640, 8),
+                   (128, 128, 256), (256, 256, 128), (512, 512, 64)]
 PASSES = (('forward', cpu_ops._FORWARD), ('grad_input', cpu_ops._GRAD_INPUT), ('grad_weight', cpu_ops._GRAD_WEIGHT))
 
 
@@ -37,16 +45,18 @@ def medians(fns, repeats):
     return {name: statistics.median(v) for name, v in interleaved(fns, repeats, 1, 'cpu').items()}
 
 
-def pair(form):
-    """An argparse type for 'AxB' (two positive integers); ``form`` names them in the error."""
+def pair(form, count=2):
+    """An argparse type for 'AxB' (``count`` positive integers); ``form`` names them in the error."""
     def parse(text):
         try:
-            a, b = (int(v) for v in text.lower().split('x'))
+            values = tuple(int(v) for v in text.lower().split('x'))
         except ValueError:
-            raise argparse.ArgumentTypeError(f'expected {form}, got {text!r}') from None
-        if a < 1 or b < 1:
+            values = ()
+        if len(values) != count:
+            raise argparse.ArgumentTypeError(f'expected {form}, got {text!r}')
+        if min(values) < 1:
             raise argparse.ArgumentTypeError(f'expected {form} with positive numbers, got {text!r}')
-        return a, b
+        return values
     return parse
 
 
@@ -69,6 +79,32 @@ def linear_table(rows, layers, repeats):
             med = medians({c: (lambda fn=fn, a=args[name]: fn(*a)) for c, fn in candidates.items()}, repeats)
             out.append([f'{cin} -> {cout}', name, f'{med["blas"] * 1e3:.2f}', f'{med["onednn"] * 1e3:.2f}',
                         f'{med["blas"] / med["onednn"]:.2f}', picks[name]])
+    return out
+
+
+def winograd_table(shapes, repeats):
+    """Markdown rows: shape, direct ms, Winograd ms, direct / Winograd, both errors against float64, auto's pick."""
+    out = []
+    cpu_ops.reset_linear_choices()
+    g = torch.Generator().manual_seed(0)
+    for cin, cout, side in shapes:
+        x = torch.randn(1, cin, side, side, generator=g)
+        w = torch.randn(cout, cin, 3, 3, generator=g) / (3 * cin ** 0.5)
+        b = torch.randn(cout, generator=g)
+        conv = cpu_kernels.Conv2d(cin, cout, 3, padding=1)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            conv.bias.copy_(b)
+            conv(x)  # the default measures both once and keeps the faster
+            pick = cpu_ops.linear_choices()[('conv3x3', (1, cin, side, side), cout, True, torch.get_num_threads())]
+            u = cpu_kernels.winograd_weights(w)
+            fns = {'direct': lambda x=x, w=w, b=b: F.conv2d(x, w, b, padding=1),
+                   'winograd': lambda x=x, u=u, b=b: cpu_kernels.conv3x3_winograd(x, u, b)}
+            med = medians(fns, repeats)
+            ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+            err = {name: (fn().double() - ref).abs().max().item() for name, fn in fns.items()}
+        out.append([f'{cin} -> {cout}, {side}x{side}', f'{med["direct"] * 1e3:.2f}', f'{med["winograd"] * 1e3:.2f}',
+                    f'{med["direct"] / med["winograd"]:.2f}', f'{err["direct"]:.1e}', f'{err["winograd"]:.1e}', pick])
     return out
 
 
@@ -105,6 +141,9 @@ def main(argv=None):
     parser.add_argument('--layers', type=pair('INxOUT (e.g. 60x180)'), nargs='+',
                         default=[(60, 180), (60, 60), (60, 120), (120, 60)],
                         help='layer shapes IN x OUT (default: SwinIR-small)')
+    parser.add_argument('--winograd', type=pair('INxOUTxSIDE (e.g. 160x160x64)', 3), nargs='+',
+                        default=WINOGRAD_SHAPES, metavar='INxOUTxSIDE',
+                        help='3x3 convolution shapes of the Winograd table (default: ResShift and SwinIR-small)')
     parser.add_argument('--repeats', type=int, default=7, help='timed rounds (median reported)')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     parser.add_argument('--no-bf16', action='store_true', help='skip the bf16 table (slow without bf16 instructions)')
@@ -120,6 +159,13 @@ def main(argv=None):
     print(f'### Fully connected layers, {args.rows} rows, fp32 (median ms of {args.repeats})\n')
     print(markdown_table(['layer', 'pass', 'BLAS', 'oneDNN', 'BLAS / oneDNN', 'auto picks'],
                          linear_table(args.rows, args.layers, args.repeats)))
+    if cpu_kernels.available():
+        print(f'\n### 3x3 convolutions, fp32: oneDNN direct against Winograd F(2x2, 3x3) (median ms of '
+              f'{args.repeats}; errors: largest |output - float64 output|)\n')
+        print(markdown_table(['convolution', 'direct', 'Winograd', 'direct / Winograd', 'direct error',
+                              'Winograd error', 'auto picks'], winograd_table(args.winograd, args.repeats)))
+    else:
+        print(f'\n(no Winograd table: the compiled kernels are off or failed to build: {cpu_kernels.build_error()})')
     if not args.no_bf16:
         print(f'\n### bf16 against fp32 (median ms of {args.repeats})\n')
         print(markdown_table(['operation', 'fp32', 'bf16', 'bf16 / fp32'], bf16_table(args.conv, args.repeats)))

@@ -178,7 +178,7 @@ def test_benchmark_cpu_kernels_tables(capsys):
     """Both libraries for every layer shape and pass, the tuner's pick, and the bf16 / fp32 table."""
     script = load_script('benchmark_cpu_kernels')
     assert script.main(['--rows', '96', '--layers', '12x36', '20x8', '--repeats', '1', '--conv', '4x8',
-                        '--threads', '1']) == 0
+                        '--threads', '1', '--winograd', '8x12x10', '3x5x7']) == 0
     out = capsys.readouterr().out
     assert 'Machine:' in out and 'bf16 instructions' in out
     linear = table_rows(out.split('### Fully connected')[1].split('###')[0])
@@ -187,6 +187,12 @@ def test_benchmark_cpu_kernels_tables(capsys):
     for row in linear:
         assert float(row[2]) >= 0 and float(row[3]) >= 0 and float(row[4]) > 0  # ms rounded to 0.01
         assert row[5] in ('blas', 'onednn')
+    wino = table_rows(out.split('### 3x3 convolutions')[1].split('###')[0])
+    assert [r[0] for r in wino] == ['8 -> 12, 10x10', '3 -> 5, 7x7']
+    for row in wino:
+        assert float(row[1]) >= 0 and float(row[2]) >= 0 and float(row[3]) > 0
+        assert 0 < float(row[5]) < 1e-5 and 0 < float(row[4]) < 1e-5  # against float64
+        assert row[6] in ('direct', 'winograd')
     bf16 = table_rows(out.split('### bf16')[1])
     assert [r[0].split(',')[0] for r in bf16] == ['3x3 convolution 4 -> 4', '3x3 convolution 4 -> 4',
                                                  'fully connected 4096 x 192 -> 768',
@@ -195,3 +201,6 @@ def test_benchmark_cpu_kernels_tables(capsys):
     with pytest.raises(SystemExit):
         script.main(['--layers', '60x'])
     assert 'INxOUT' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main(['--winograd', '60x60'])
+    assert 'INxOUTxSIDE' in capsys.readouterr().err
