@@ -14,15 +14,18 @@ intermediate tensor; ``scripts/benchmark_student.py`` prints the speed with and 
 with its backward, one pass over each row per direction.
 
 :class:`Conv2d` is ``nn.Conv2d`` (same parameters and state-dict keys) whose 3x3 convolutions with
-stride 1 and padding 1 can run as Winograd F(2x2, 3x3) convolutions in fp32 inference: the compiled
-input and output transforms (``csrc/winograd_kernels.h``) around one batched matrix product per
-block of tiles, 2.25x fewer multiplications than a direct convolution and, measured against
-float64, no less accurate (its transform coefficients are 0, +-1 and +-1/2). Each input shape is
-measured once per process against oneDNN's direct convolution, the way :mod:`dtkd_arch.cpu_ops`
-tunes its fully connected layers, and the faster is kept; ``DTKD_CPU_CONV=direct|winograd|auto``
-(or :func:`set_conv_algorithm`) fixes the choice. In training the gradient of the input is a 3x3
-convolution too and goes the same way; the weight gradient stays oneDNN's. Autocast, other dtypes,
-devices and convolution shapes use ``F.conv2d``.
+stride 1 and padding 1 can run as Winograd F(2x2, 3x3) convolutions on fp32 CPU tensors: the
+compiled input and output transforms (``csrc/winograd_kernels.h``) around one batched matrix
+product per block of tiles, 2.25x fewer multiplications than a direct convolution and, measured
+against float64, no less accurate (its transform coefficients are 0, +-1 and +-1/2). By default
+('auto') a convolution whose input and output both have at least ``WINOGRAD_MIN_CHANNELS`` channels
+runs as Winograd and the others in oneDNN's direct algorithm: a fixed rule, so that a process gives
+the same outputs as the next (a teacher cache resumed by another process stays bit-identical).
+'tuned' measures both once per input shape, the way :mod:`dtkd_arch.cpu_ops` tunes its fully
+connected layers, and keeps the faster (not reproducible from one process to the next when the two
+are about as fast); 'direct' and 'winograd' fix one (``DTKD_CPU_CONV`` or :func:`set_conv_algorithm`).
+In training the gradient of the input is a 3x3 convolution too and goes the same way; the weight
+gradient stays oneDNN's. Autocast, other dtypes, devices and convolution shapes use ``F.conv2d``.
 
 The kernel is compiled with the system C++ compiler through ``torch.utils.cpp_extension`` the first
 time it is needed (about 10-20 s on 2 cores), with ``-O3 -march=native``, into torch's extension
@@ -256,7 +259,11 @@ def layer_norm(x, weight, bias, eps):
 # ---- 3x3 convolutions as Winograd F(2x2, 3x3) ----
 
 _CONV_ENV = 'DTKD_CPU_CONV'
-_CONV_ALGORITHMS = ('auto', 'direct', 'winograd')
+_CONV_ALGORITHMS = ('auto', 'direct', 'winograd', 'tuned')
+# 'auto': Winograd when input and output have at least this many channels (from scripts/benchmark_cpu_kernels.py:
+# 1.25x to 2.1x faster than oneDNN at 60 to 640 channels on an AVX2 AMD EPYC; 3-channel image convolutions
+# were faster direct)
+WINOGRAD_MIN_CHANNELS = 16
 _CONV_TRIALS = 3  # timed runs per algorithm when a shape is tuned (convolutions are long, their ratio large)
 _PROBE_FLOP = 4e9  # a larger convolution is tuned on a strip of rows of its first image of about this much work
 _BLOCK_TILES = 1024  # tiles per batched product, fewer for wide layers (see _block_rows)
@@ -275,8 +282,9 @@ _conv_algorithm = _conv_algorithm_from_environment()
 
 
 def set_conv_algorithm(name):
-    """How :class:`Conv2d` runs the 3x3 convolutions it can: 'auto' (the faster of the two, measured per
-    shape; default), 'direct' (``F.conv2d``) or 'winograd'. Returns the previous setting."""
+    """How :class:`Conv2d` runs the 3x3 convolutions it can: 'auto' (Winograd when input and output have at
+    least ``WINOGRAD_MIN_CHANNELS`` channels, else direct; default), 'direct' (``F.conv2d``), 'winograd' or
+    'tuned' (the faster of the two, measured once per shape). Returns the previous setting."""
     global _conv_algorithm
     if name not in _CONV_ALGORITHMS:
         raise ValueError(f'convolution algorithm must be one of {_CONV_ALGORITHMS}, got {name!r}')
@@ -364,11 +372,14 @@ def _probe(x, out_channels):
 
 def conv3x3(x, weight, bias, transformed):
     """``F.conv2d(x, weight, bias, padding=1)`` (no autograd) by the algorithm :func:`set_conv_algorithm` selects;
-    'auto' measures both once per (input shape, output channels, bias, threads). ``transformed()`` returns
+    'tuned' measures both once per (input shape, output channels, bias, threads). ``transformed()`` returns
     ``winograd_weights(weight)`` (called only when the Winograd algorithm runs)."""
-    if _conv_algorithm == 'winograd':
+    algorithm = _conv_algorithm
+    if algorithm == 'auto':
+        algorithm = 'winograd' if min(weight.shape[:2]) >= WINOGRAD_MIN_CHANNELS else 'direct'
+    if algorithm == 'winograd':
         return conv3x3_winograd(x, transformed(), bias)
-    if _conv_algorithm == 'direct':
+    if algorithm == 'direct':
         return F.conv2d(x, weight, bias, 1, 1)
     candidates = {'direct': lambda t: F.conv2d(t, weight, bias, 1, 1),
                   'winograd': lambda t: conv3x3_winograd(t, transformed(), bias)}
@@ -405,10 +416,9 @@ class _Conv3x3(torch.autograd.Function):
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose 3x3 stride-1 padding-1 convolutions run, in fp32 on the CPU, through the faster of
-    oneDNN's direct convolution and :func:`conv3x3_winograd` (measured once per input shape and thread count;
-    see :func:`set_conv_algorithm`), in training too: the input gradient is such a convolution as well. Every
-    other case is ``nn.Conv2d`` itself."""
+    """``nn.Conv2d`` whose 3x3 stride-1 padding-1 convolutions run, in fp32 on the CPU, as :func:`conv3x3_winograd`
+    or oneDNN's direct convolution (see :func:`set_conv_algorithm`), in training too: the input gradient is such
+    a convolution as well. Every other case is ``nn.Conv2d`` itself."""
 
     def forward(self, x):
         if (_conv_algorithm == 'direct' or self.padding_mode != 'zeros' or not isinstance(self.padding, tuple)

@@ -5,8 +5,9 @@
    ``dtkd_arch.cpu_ops`` picks per shape; with the pick of its default ('auto') backend.
 2. 3x3 convolutions (stride 1, padding 1, fp32, batch 1): oneDNN's direct algorithm against the
    Winograd F(2x2, 3x3) convolution of ``dtkd_arch.cpu_kernels``, with each one's largest error
-   against a float64 convolution and the pick of ``cpu_kernels.Conv2d``'s default ('auto'); the
-   default shapes are the ResShift UNet's, its VQ autoencoder's and SwinIR-small's.
+   against a float64 convolution, what ``cpu_kernels.Conv2d`` measures and picks with
+   ``DTKD_CPU_CONV=tuned`` and what its fixed default rule ('auto') runs; the default shapes are the
+   ResShift UNet's, its VQ autoencoder's and SwinIR-small's.
 3. bf16 against fp32 for a 3x3 convolution (NCHW and channels-last), a fully connected layer and a
    batched matrix product: the ratio is large on CPUs without bf16 instructions (AVX512-BF16 or AMX),
    which is why DTKD warns when bf16 is asked for there.
@@ -83,7 +84,8 @@ def linear_table(rows, layers, repeats):
 
 
 def winograd_table(shapes, repeats):
-    """Markdown rows: shape, direct ms, Winograd ms, direct / Winograd, both errors against float64, auto's pick."""
+    """Markdown rows: shape, direct ms, Winograd ms, direct / Winograd, both errors against float64, the pick of
+    'tuned' and the algorithm of 'auto'."""
     out = []
     cpu_ops.reset_linear_choices()
     g = torch.Generator().manual_seed(0)
@@ -95,8 +97,10 @@ def winograd_table(shapes, repeats):
         with torch.no_grad():
             conv.weight.copy_(w)
             conv.bias.copy_(b)
-            conv(x)  # the default measures both once and keeps the faster
+            with cpu_kernels.using_conv_algorithm('tuned'):
+                conv(x)  # measures both once and keeps the faster
             pick = cpu_ops.linear_choices()[('conv3x3', (1, cin, side, side), cout, True, torch.get_num_threads())]
+            rule = 'winograd' if min(cin, cout) >= cpu_kernels.WINOGRAD_MIN_CHANNELS else 'direct'
             u = cpu_kernels.winograd_weights(w)
             fns = {'direct': lambda x=x, w=w, b=b: F.conv2d(x, w, b, padding=1),
                    'winograd': lambda x=x, u=u, b=b: cpu_kernels.conv3x3_winograd(x, u, b)}
@@ -104,7 +108,8 @@ def winograd_table(shapes, repeats):
             ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
             err = {name: (fn().double() - ref).abs().max().item() for name, fn in fns.items()}
         out.append([f'{cin} -> {cout}, {side}x{side}', f'{med["direct"] * 1e3:.2f}', f'{med["winograd"] * 1e3:.2f}',
-                    f'{med["direct"] / med["winograd"]:.2f}', f'{err["direct"]:.1e}', f'{err["winograd"]:.1e}', pick])
+                    f'{med["direct"] / med["winograd"]:.2f}', f'{err["direct"]:.1e}', f'{err["winograd"]:.1e}', pick,
+                    rule])
     return out
 
 
@@ -162,8 +167,9 @@ def main(argv=None):
     if cpu_kernels.available():
         print(f'\n### 3x3 convolutions, fp32: oneDNN direct against Winograd F(2x2, 3x3) (median ms of '
               f'{args.repeats}; errors: largest |output - float64 output|)\n')
-        print(markdown_table(['convolution', 'direct', 'Winograd', 'direct / Winograd', 'direct error',
-                              'Winograd error', 'auto picks'], winograd_table(args.winograd, args.repeats)))
+        header = ['convolution', 'direct', 'Winograd', 'direct / Winograd', 'direct error', 'Winograd error',
+                  'tuned picks', 'auto runs']
+        print(markdown_table(header, winograd_table(args.winograd, args.repeats)))
     else:
         print(f'\n(no Winograd table: the compiled kernels are off or failed to build: {cpu_kernels.build_error()})')
     if not args.no_bf16:

@@ -34,7 +34,7 @@ import dtkd_model  # noqa: E402,F401  (makes basicsr importable)
 # isort: split
 import torch  # noqa: E402
 
-from dtkd_arch import cpu_kernels, cpu_ops  # noqa: E402
+from dtkd_arch import cpu_kernels  # noqa: E402
 from dtkd_compat import OptionError  # noqa: E402
 from dtkd_model.benchmarking import (  # noqa: E402
     PeakMemory,
@@ -196,9 +196,8 @@ def compare_official(args, opt, teacher, device, size):
     print(f'\nPaired speed-up (median of per-round ratios): {paired:.2f}x; largest |official - DTKD| '
           f'(fp32, same seed, images in [0, 1]): {diff:.2e}{extra}; with direct convolutions: {diff_direct:.2e}; '
           f'DTKD against DTKD with direct convolutions, paired: {paired_direct:.2f}x')
-    choices = [v for k, v in cpu_ops.linear_choices().items() if k[0] == 'conv3x3']
-    print(f'3x3 convolution shapes tuned in this run: {len(choices)}, of which {choices.count("winograd")} run as '
-          'Winograd F(2x2, 3x3) and the rest in oneDNN (dtkd_arch.cpu_kernels.Conv2d)')
+    print(f'3x3 convolutions: DTKD_CPU_CONV={cpu_kernels.conv_algorithm()} (auto: Winograd F(2x2, 3x3) where input '
+          f'and output have at least {cpu_kernels.WINOGRAD_MIN_CHANNELS} channels, oneDNN elsewhere)')
     print_compute_bound(flops, timer, device)
     return 0
 

@@ -193,6 +193,7 @@ def test_benchmark_cpu_kernels_tables(capsys):
         assert float(row[1]) >= 0 and float(row[2]) >= 0 and float(row[3]) > 0
         assert 0 < float(row[5]) < 1e-5 and 0 < float(row[4]) < 1e-5  # against float64
         assert row[6] in ('direct', 'winograd')
+    assert [r[7] for r in wino] == ['direct', 'direct']  # fewer than 16 channels
     bf16 = table_rows(out.split('### bf16')[1])
     assert [r[0].split(',')[0] for r in bf16] == ['3x3 convolution 4 -> 4', '3x3 convolution 4 -> 4',
                                                  'fully connected 4096 x 192 -> 768',

@@ -95,28 +95,48 @@ def test_transform_operators_reject_bad_inputs():
         cpu_kernels.conv3x3_winograd(x, torch.zeros(16, 5, 3))
 
 
-@pytest.mark.parametrize('algorithm', ['winograd', 'direct', 'auto'])
+@pytest.mark.parametrize('algorithm', ['winograd', 'direct', 'auto', 'tuned'])
 def test_conv2d_module_matches_nn_conv2d(algorithm, monkeypatch):
     calls = []
     original = cpu_kernels.conv3x3_winograd
     monkeypatch.setattr(cpu_kernels, 'conv3x3_winograd', lambda *a: calls.append(1) or original(*a))
     monkeypatch.setattr(cpu_ops, '_choices', {})
     torch.manual_seed(0)
-    plain = nn.Conv2d(12, 20, 3, padding=1)
-    conv = cpu_kernels.Conv2d(12, 20, 3, padding=1)
+    plain = nn.Conv2d(16, 20, 3, padding=1)
+    conv = cpu_kernels.Conv2d(16, 20, 3, padding=1)
     assert list(conv.state_dict()) == list(plain.state_dict())
     conv.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 12, 17, 10)
+    x = torch.randn(2, 16, 17, 10)
     with cpu_kernels.using_conv_algorithm(algorithm), torch.no_grad():
         assert (conv(x) - plain(x)).abs().max().item() < 1e-5
         assert (conv(x.contiguous(memory_format=torch.channels_last)) - plain(x)).abs().max().item() < 1e-5
-    assert bool(calls) == (algorithm != 'direct')  # 'auto' measures both (then keeps the faster)
-    if algorithm == 'auto':
-        (key, choice), = [(k, v) for k, v in cpu_ops.linear_choices().items() if k[0] == 'conv3x3']
-        assert key[1] == (2, 12, 17, 10) and choice in ('direct', 'winograd')
+    assert bool(calls) == (algorithm != 'direct')  # 'tuned' measures both (then keeps the faster)
+    tuned = {k: v for k, v in cpu_ops.linear_choices().items() if k[0] == 'conv3x3'}
+    if algorithm == 'tuned':
+        (key, choice), = tuned.items()
+        assert key[1] == (2, 16, 17, 10) and choice in ('direct', 'winograd')
+    else:
+        assert not tuned
 
 
-@pytest.mark.parametrize('algorithm', ['winograd', 'auto', 'direct'])
+def test_auto_runs_few_channel_convolutions_direct(monkeypatch):
+    calls = []
+    original = cpu_kernels.conv3x3_winograd
+    monkeypatch.setattr(cpu_kernels, 'conv3x3_winograd', lambda *a: calls.append(a[1].shape) or original(*a))
+    x = torch.randn(1, 3, 8, 8)
+    with cpu_kernels.using_conv_algorithm('auto'), torch.no_grad():
+        low = cpu_kernels.WINOGRAD_MIN_CHANNELS
+        first = cpu_kernels.Conv2d(3, 64, 3, padding=1)  # an image in: direct
+        hidden = cpu_kernels.Conv2d(64, low, 3, padding=1)  # both at the threshold: Winograd
+        last = cpu_kernels.Conv2d(low, 3, 3, padding=1)  # an image out: direct
+        y = last(hidden(first(x)))
+        ref = F.conv2d(F.conv2d(F.conv2d(x, first.weight, first.bias, padding=1), hidden.weight, hidden.bias,
+                                padding=1), last.weight, last.bias, padding=1)
+    assert torch.allclose(y, ref, atol=1e-5)
+    assert calls == [(16, low, 64)]
+
+
+@pytest.mark.parametrize('algorithm', ['winograd', 'auto', 'tuned', 'direct'])
 @pytest.mark.parametrize('bias, input_grad', [(True, True), (False, True), (True, False)])
 def test_conv2d_module_gradients_match_float64(algorithm, bias, input_grad, monkeypatch):
     calls = []
@@ -124,12 +144,12 @@ def test_conv2d_module_gradients_match_float64(algorithm, bias, input_grad, monk
     monkeypatch.setattr(cpu_kernels, 'conv3x3_winograd', lambda *a: calls.append(a[0].shape) or original(*a))
     monkeypatch.setattr(cpu_ops, '_choices', {})
     torch.manual_seed(2)
-    conv = cpu_kernels.Conv2d(6, 9, 3, padding=1, bias=bias)
-    ref = nn.Conv2d(6, 9, 3, padding=1, bias=bias).double()
+    conv = cpu_kernels.Conv2d(16, 18, 3, padding=1, bias=bias)
+    ref = nn.Conv2d(16, 18, 3, padding=1, bias=bias).double()
     ref.load_state_dict(conv.state_dict())
-    x = torch.randn(2, 6, 11, 8, requires_grad=input_grad)
+    x = torch.randn(2, 16, 11, 8, requires_grad=input_grad)
     x64 = x.detach().double().requires_grad_(input_grad)
-    g = torch.randn(2, 9, 11, 8)
+    g = torch.randn(2, 18, 11, 8)
     with cpu_kernels.using_conv_algorithm(algorithm):
         out = conv(x)
         out.backward(g)
@@ -143,8 +163,8 @@ def test_conv2d_module_gradients_match_float64(algorithm, bias, input_grad, monk
         assert (got.double() - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item())
     if not input_grad:
         assert x.grad is None
-    if algorithm == 'winograd':  # the forward, and the input gradient (a convolution of 9 channels)
-        assert calls == [(2, 6, 11, 8)] + ([(2, 9, 11, 8)] if input_grad else [])
+    if algorithm in ('winograd', 'auto'):  # the forward, and the input gradient (a convolution of 18 channels)
+        assert calls == [(2, 16, 11, 8)] + ([(2, 18, 11, 8)] if input_grad else [])
     elif algorithm == 'direct':
         assert not calls
 
@@ -201,6 +221,7 @@ def test_large_inputs_are_tuned_on_a_strip(monkeypatch):
     assert cpu_kernels._probe(torch.zeros(1, 8, 16, 16), 8) is None  # small: measured on itself
     seen = []
     monkeypatch.setattr(cpu_ops, '_choices', {})
+    monkeypatch.setattr(cpu_kernels, '_conv_algorithm', 'tuned')
     monkeypatch.setattr(cpu_kernels, '_PROBE_FLOP', 1e6)
     monkeypatch.setattr(cpu_kernels, '_BLOCK_TILES', 32)
     original = cpu_kernels.conv3x3_winograd
