@@ -271,14 +271,7 @@ _BLOCK_FLOATS = 1 << 21  # at most this many transformed input values (8 MiB) pe
 _G = ((1., 0., 0.), (.5, .5, .5), (.5, -.5, .5), (0., 0., 1.))  # filter transform of F(2x2, 3x3)
 
 
-def _conv_algorithm_from_environment():
-    name = os.environ.get(_CONV_ENV, 'auto').strip().lower() or 'auto'
-    if name not in _CONV_ALGORITHMS:
-        raise ValueError(f'environment variable {_CONV_ENV}={os.environ[_CONV_ENV]!r}: use one of {_CONV_ALGORITHMS}')
-    return name
-
-
-_conv_algorithm = _conv_algorithm_from_environment()
+_conv_algorithm = cpu_ops.choice_from_environment(_CONV_ENV, _CONV_ALGORITHMS)
 
 
 def set_conv_algorithm(name):

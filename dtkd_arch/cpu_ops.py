@@ -55,14 +55,16 @@ _ENV = 'DTKD_CPU_LINEAR'
 _TRIALS = 5  # timed runs per candidate when a pass is tuned, after one untimed run (the best time counts)
 
 
-def _backend_from_environment():
-    name = os.environ.get(_ENV, 'auto').strip().lower() or 'auto'
-    if name not in _BACKENDS:
-        raise ValueError(f'environment variable {_ENV}={os.environ[_ENV]!r}: use one of {_BACKENDS}')
+def choice_from_environment(variable, choices):
+    """The value of environment variable ``variable`` (lower-cased; unset or empty: ``choices[0]``), which must be
+    one of ``choices``; a ValueError naming the variable otherwise."""
+    name = os.environ.get(variable, '').strip().lower() or choices[0]
+    if name not in choices:
+        raise ValueError(f'environment variable {variable}={os.environ[variable]!r}: use one of {choices}')
     return name
 
 
-_backend = _backend_from_environment()
+_backend = choice_from_environment(_ENV, _BACKENDS)
 _choices = {}  # tuning key -> name of the fastest candidate
 
 

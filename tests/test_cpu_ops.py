@@ -173,14 +173,14 @@ def test_linear_module_keeps_nn_linear_keys():
 
 def test_environment_variable_selects_the_backend(monkeypatch):
     monkeypatch.setenv('DTKD_CPU_LINEAR', 'BLAS')
-    assert cpu_ops._backend_from_environment() == 'blas'
+    assert cpu_ops.choice_from_environment('DTKD_CPU_LINEAR', cpu_ops._BACKENDS) == 'blas'
     monkeypatch.setenv('DTKD_CPU_LINEAR', 'onednn')
-    assert cpu_ops._backend_from_environment() == 'onednn'
+    assert cpu_ops.choice_from_environment('DTKD_CPU_LINEAR', cpu_ops._BACKENDS) == 'onednn'
     monkeypatch.setenv('DTKD_CPU_LINEAR', 'mkl')
     with pytest.raises(ValueError, match='DTKD_CPU_LINEAR'):
-        cpu_ops._backend_from_environment()
+        cpu_ops.choice_from_environment('DTKD_CPU_LINEAR', cpu_ops._BACKENDS)
     monkeypatch.delenv('DTKD_CPU_LINEAR')
-    assert cpu_ops._backend_from_environment() == 'auto'
+    assert cpu_ops.choice_from_environment('DTKD_CPU_LINEAR', cpu_ops._BACKENDS) == 'auto'
 
 
 def test_cpu_flags_are_read_from_x86_and_arm_cpuinfo():

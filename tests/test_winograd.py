@@ -1,9 +1,5 @@
 """Winograd F(2x2, 3x3) convolutions (dtkd_arch.cpu_kernels.conv3x3_winograd and Conv2d) against an independent
 float64 F.conv2d, and the rules of when Conv2d uses them."""
-import os
-import subprocess
-import sys
-
 import dtkd_compat  # noqa: F401, I001  (must precede basicsr)
 
 # isort: split
@@ -13,8 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtkd_arch import cpu_kernels, cpu_ops
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -236,14 +230,14 @@ def test_large_inputs_are_tuned_on_a_strip(monkeypatch):
                                                           torch.get_num_threads())] == 'direct'
 
 
-def test_set_conv_algorithm_and_environment_variable():
+def test_set_conv_algorithm_and_environment_variable(monkeypatch):
     with pytest.raises(ValueError, match='convolution algorithm must be one of'):
         cpu_kernels.set_conv_algorithm('fft')
     assert cpu_kernels.conv_algorithm() == 'auto'
-    code = "from dtkd_arch import cpu_kernels; assert cpu_kernels.conv_algorithm() == 'direct'"
-    env = dict(os.environ, DTKD_CPU_CONV='direct')
-    subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT, env=env, timeout=300)
-    env['DTKD_CPU_CONV'] = 'fft'
-    res = subprocess.run([sys.executable, '-c', 'import dtkd_arch.cpu_kernels'], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode != 0 and "DTKD_CPU_CONV='fft'" in res.stderr
+    monkeypatch.setenv('DTKD_CPU_CONV', 'Direct')
+    assert cpu_ops.choice_from_environment(cpu_kernels._CONV_ENV, cpu_kernels._CONV_ALGORITHMS) == 'direct'
+    monkeypatch.setenv('DTKD_CPU_CONV', 'fft')
+    with pytest.raises(ValueError, match="DTKD_CPU_CONV='fft'"):
+        cpu_ops.choice_from_environment(cpu_kernels._CONV_ENV, cpu_kernels._CONV_ALGORITHMS)
+    monkeypatch.delenv('DTKD_CPU_CONV')
+    assert cpu_ops.choice_from_environment(cpu_kernels._CONV_ENV, cpu_kernels._CONV_ALGORITHMS) == 'auto'
