@@ -9,8 +9,9 @@ Guarantees:
 * Deterministic per key: the sampler's random draws come from a CPU ``torch.Generator`` seeded from
   ``sha256(f'{seed}:{key}')``, and every image is sampled on its own (``ResShiftTeacher.sample``
   draws one noise tensor for the whole batch from one generator, so stacking images would make an
-  image's output depend on its batch-mates). A resumed, re-batched or sharded run therefore writes
-  the same bytes as one uninterrupted run on the same hardware and thread count.
+  image's output depend on its batch-mates), and the CPU kernels are fixed rather than chosen by
+  timing in each process (:func:`fixed_cpu_kernels`). A resumed, re-batched or sharded run therefore
+  writes the same bytes as one uninterrupted run on the same hardware and thread count.
 * Crash-safe and resumable: a folder entry is written to a hidden temporary file and renamed into
   place; an LMDB entry is committed in its own transaction (or with its ``batch_size`` group). The
   LMDB's ``meta_info.txt`` is not kept during the run: it is rebuilt from the committed PNG entries
@@ -23,6 +24,7 @@ Guarantees:
   write into the same output (LMDB serialises write transactions across processes) and rank 0
   writes ``meta_info.txt`` after a barrier.
 """
+import contextlib
 import copy
 import hashlib
 import json
@@ -38,6 +40,7 @@ import lmdb
 import numpy as np
 import torch
 
+from dtkd_arch import cpu_kernels, cpu_ops
 from dtkd_compat import OptionError, atomic_write
 from dtkd_data.lmdb_tools import (
     LmdbFormatError,
@@ -578,7 +581,26 @@ def generate_teacher_outputs(teacher_opt, input_path, output_path, gt_path=None,
     return stats
 
 
+def fixed_cpu_kernels():
+    """A context in which the CPU kernel choices do not depend on timings: the fully connected layers' per-shape
+    tuning (``DTKD_CPU_LINEAR=auto``) becomes oneDNN's 1x1 convolution and the convolutions' measured choice
+    (``DTKD_CPU_CONV=tuned``) the fixed rule ('auto'). Two processes could otherwise measure differently and
+    write outputs that differ in the last bits (one 8-bit level at a few pixels, seen with tuned convolutions).
+    Fixed settings ('blas', 'onednn', 'direct', 'winograd', 'auto' convolutions) are kept."""
+    stack = contextlib.ExitStack()
+    if cpu_ops.linear_backend() == 'auto':
+        stack.enter_context(cpu_ops.using_linear_backend('onednn'))
+    if cpu_kernels.conv_algorithm() == 'tuned':
+        stack.enter_context(cpu_kernels.using_conv_algorithm('auto'))
+    return stack
+
+
 def _run(teacher, todo, lq_source, output, seed, batch_size, stats, show, desc):
+    with fixed_cpu_kernels():
+        _run_jobs(teacher, todo, lq_source, output, seed, batch_size, stats, show, desc)
+
+
+def _run_jobs(teacher, todo, lq_source, output, seed, batch_size, stats, show, desc):
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit='img', desc=desc, disable=not show, dynamic_ncols=True)
