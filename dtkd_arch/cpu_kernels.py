@@ -34,10 +34,10 @@ hash of the CPU's feature flags and of the sources, so a cache shared between di
 serves a binary built for another instruction set (or torch version), and an edited kernel is always
 rebuilt. Later processes load the cached library directly, in milliseconds.
 
-If the build fails (no compiler, say), :func:`available` is False, FastSwinIR falls back to its
-PyTorch attention (same results within float rounding, slower) and one RuntimeWarning gives the
-compiler's message. ``DTKD_CPU_KERNELS=0`` (or :func:`set_enabled`) switches the compiled kernels
-off without trying to build them.
+If the build fails (no compiler, say), :func:`available` is False, FastSwinIR and the teacher fall
+back to PyTorch attention and oneDNN convolutions (same results within float rounding, slower) and
+one RuntimeWarning gives the compiler's message. ``DTKD_CPU_KERNELS=0`` (or :func:`set_enabled`)
+switches the compiled kernels off without trying to build them.
 """
 import hashlib
 import logging
@@ -166,9 +166,10 @@ def load():
                     except Exception as exc:  # compiler missing or failing: fall back, say why once
                         _state['loaded'] = False
                         _state['error'] = f'{type(exc).__name__}: {exc}'
-                        warnings.warn(f'dtkd_arch.cpu_kernels: building {_SOURCE} failed, FastSwinIR uses its '
-                                      f'slower PyTorch attention on the CPU ({_state["error"][-2000:]}). Set '
-                                      f'{_ENV}=0 to skip the build.', RuntimeWarning, stacklevel=2)
+                        warnings.warn(f'dtkd_arch.cpu_kernels: building {_SOURCE} failed, FastSwinIR and the ResShift '
+                                      f'teacher use their slower PyTorch attention and oneDNN convolutions on the '
+                                      f'CPU ({_state["error"][-2000:]}). Set {_ENV}=0 to skip the build.',
+                                      RuntimeWarning, stacklevel=2)
     return _state['loaded']
 
 

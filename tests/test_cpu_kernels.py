@@ -163,11 +163,16 @@ def test_failed_build_warns_once_and_fastswinir_falls_back(monkeypatch):
         with torch.no_grad():
             got = fast(x)
             fast(x)
+        conv = cpu_kernels.Conv2d(16, 16, 3, padding=1)  # the teacher's convolutions: oneDNN instead of Winograd
+        y = torch.randn(1, 16, 8, 8)
+        with torch.no_grad():
+            conv_out = conv(y)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and 'g++: command not found' in messages[0] and 'cpu_kernels.cpp' in messages[0]
     assert not cpu_kernels.available() and 'g++' in cpu_kernels.build_error()
     with torch.no_grad():
         assert (got - ref(x)).abs().max() < 1e-4
+        assert torch.equal(conv_out, torch.nn.functional.conv2d(y, conv.weight, conv.bias, padding=1))
 
 
 def test_environment_variable_switches_the_kernels_off():
