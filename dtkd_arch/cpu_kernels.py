@@ -364,13 +364,19 @@ def _probe(x, out_channels):
     return (x[:1, :, :rows].contiguous(),)
 
 
+def auto_conv_algorithm(in_channels, out_channels):
+    """The algorithm of the 'auto' rule for a 3x3 convolution: 'winograd' when input and output both have at
+    least ``WINOGRAD_MIN_CHANNELS`` channels, else 'direct'."""
+    return 'winograd' if min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS else 'direct'
+
+
 def conv3x3(x, weight, bias, transformed):
     """``F.conv2d(x, weight, bias, padding=1)`` (no autograd) by the algorithm :func:`set_conv_algorithm` selects;
     'tuned' measures both once per (input shape, output channels, bias, threads). ``transformed()`` returns
     ``winograd_weights(weight)`` (called only when the Winograd algorithm runs)."""
     algorithm = _conv_algorithm
     if algorithm == 'auto':
-        algorithm = 'winograd' if min(weight.shape[:2]) >= WINOGRAD_MIN_CHANNELS else 'direct'
+        algorithm = auto_conv_algorithm(weight.shape[1], weight.shape[0])
     if algorithm == 'winograd':
         return conv3x3_winograd(x, transformed(), bias)
     if algorithm == 'direct':
@@ -378,7 +384,8 @@ def conv3x3(x, weight, bias, transformed):
     candidates = {'direct': lambda t: F.conv2d(t, weight, bias, 1, 1),
                   'winograd': lambda t: conv3x3_winograd(t, transformed(), bias)}
     key = (tuple(x.shape), weight.shape[0], bias is not None, torch.get_num_threads())
-    return cpu_ops._tuned('conv3x3', key, candidates, x, trials=_CONV_TRIALS, probe=_probe(x, weight.shape[0]))
+    return cpu_ops._tuned('conv3x3', key, candidates, x, trials=_CONV_TRIALS,
+                          probe=lambda: _probe(x, weight.shape[0]))
 
 
 class _Conv3x3(torch.autograd.Function):
@@ -415,7 +422,7 @@ class Conv2d(nn.Conv2d):
     a convolution as well. Every other case is ``nn.Conv2d`` itself."""
 
     def forward(self, x):
-        if (_conv_algorithm == 'direct' or self.padding_mode != 'zeros' or not isinstance(self.padding, tuple)
+        if (_conv_algorithm == 'direct' or self.padding_mode != 'zeros'
                 or not supports_conv3x3(x, self.weight, self.stride, self.padding, self.dilation, self.groups)):
             return super().forward(x)
         params = (x, self.weight) if self.bias is None else (x, self.weight, self.bias)

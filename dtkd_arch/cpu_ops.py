@@ -185,13 +185,14 @@ _GRAD_WEIGHT = {'blas': lambda g, x, w: torch.mm(g.t(), x), 'onednn': _conv_weig
 
 def _tuned(name, key, candidates, *args, trials=_TRIALS, probe=None):
     """Run the fastest of ``candidates`` (name -> function) for ``key``, measuring them on first use
-    (one untimed and ``trials`` timed runs each, interleaved; the best time counts). ``probe``: other
-    arguments to measure on (a smaller problem of the same kind), instead of ``args``."""
+    (one untimed and ``trials`` timed runs each, interleaved; the best time counts). ``probe``: a function
+    called only when measuring, returning other arguments to measure on (a smaller problem of the same
+    kind) or None for ``args`` themselves."""
     key = (name,) + key
     choice = _choices.get(key)
     if choice is not None:
         return candidates[choice](*args)
-    sample = args if probe is None else probe
+    sample = (probe() if probe is not None else None) or args
     best = {}
     for fn in candidates.values():
         fn(*sample)  # the first call of a shape also builds oneDNN's kernel

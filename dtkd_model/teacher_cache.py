@@ -568,8 +568,9 @@ def generate_teacher_outputs(teacher_opt, input_path, output_path, gt_path=None,
     try:
         if todo:
             teacher = build_teacher(opt)
-            _run(teacher, todo, lq_source, output, seed, batch_size, stats, progress and rank == 0,
-                 desc=f'teacher SR [rank {rank}/{world_size}]' if world_size > 1 else 'teacher SR')
+            with fixed_cpu_kernels():
+                _run(teacher, todo, lq_source, output, seed, batch_size, stats, progress and rank == 0,
+                     desc=f'teacher SR [rank {rank}/{world_size}]' if world_size > 1 else 'teacher SR')
         sync()
         if rank == 0 and limit is None:
             output.finalize([j.key for j in jobs])
@@ -596,11 +597,6 @@ def fixed_cpu_kernels():
 
 
 def _run(teacher, todo, lq_source, output, seed, batch_size, stats, show, desc):
-    with fixed_cpu_kernels():
-        _run_jobs(teacher, todo, lq_source, output, seed, batch_size, stats, show, desc)
-
-
-def _run_jobs(teacher, todo, lq_source, output, seed, batch_size, stats, show, desc):
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit='img', desc=desc, disable=not show, dynamic_ncols=True)

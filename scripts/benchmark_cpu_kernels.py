@@ -100,7 +100,7 @@ def winograd_table(shapes, repeats):
             with cpu_kernels.using_conv_algorithm('tuned'):
                 conv(x)  # measures both once and keeps the faster
             pick = cpu_ops.linear_choices()[('conv3x3', (1, cin, side, side), cout, True, torch.get_num_threads())]
-            rule = 'winograd' if min(cin, cout) >= cpu_kernels.WINOGRAD_MIN_CHANNELS else 'direct'
+            rule = cpu_kernels.auto_conv_algorithm(cin, cout)
             u = cpu_kernels.winograd_weights(w)
             fns = {'direct': lambda x=x, w=w, b=b: F.conv2d(x, w, b, padding=1),
                    'winograd': lambda x=x, u=u, b=b: cpu_kernels.conv3x3_winograd(x, u, b)}
