@@ -12,7 +12,6 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));
 
 constexpr int kLanes = 8;
-constexpr int kBlock = 8;  // vectors per register block (64 queries)
 
 inline v8 load(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 inline void store(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
@@ -64,77 +63,111 @@ inline v8 vexp2(v8 t) {
 // e^(s - mx) as 2^(s log2e - mx log2e): mx_log2e holds the maxima times log2(e).
 inline v8 vexp_shifted(v8 s, v8 mx_log2e) { return vexp2(s * splat(kLog2e) - mx_log2e); }
 
-// The products below run over the N queries in register blocks of NV vectors (NV <= kBlock); `blocks`
-// calls a block function once per 8 * kBlock queries with NV fixed at compile time.
-template <template <int> class Op, typename... Args>
-inline void blocks(int64_t n, Args&&... args) {
-  for (int64_t i0 = 0; i0 < n; i0 += kLanes * kBlock) {
-    switch (std::min<int64_t>(kBlock, (n - i0) / kLanes)) {
-      case 8: Op<8>::run(i0, args...); break;
-      case 7: Op<7>::run(i0, args...); break;
-      case 6: Op<6>::run(i0, args...); break;
-      case 5: Op<5>::run(i0, args...); break;
-      case 4: Op<4>::run(i0, args...); break;
-      case 3: Op<3>::run(i0, args...); break;
-      case 2: Op<2>::run(i0, args...); break;
-      default: Op<1>::run(i0, args...); break;
+// The products below are tiled into register blocks: a few rows of the output times one or two vectors of 8
+// queries, so that every value loaded from memory (a broadcast scalar or a vector) feeds several FMAs and
+// the accumulators of a block (at most 12) stay in the 16 vector registers of AVX2 with room for the operands.
+constexpr int kColumnVectors = 2;  // vectors of queries per column block
+
+// dst[j][i] = epilogue(mask[j][i] + sum_e a[j * a_stride + e] * bt[e][i]) for the rows j0 .. j0 + R - 1 and the
+// NV vectors of queries from i0. a: rows of `depth` scalars with row stride a_stride; bt: (depth, n); mask
+// may be null. The epilogue turns each vector of products into what is stored while it is in registers.
+template <int R, int NV, typename Epilogue>
+inline void rows_times_transposed_block(int64_t j0, int64_t i0, const float* a, int64_t a_stride, const float* bt,
+                                        const float* mask, float* dst, int64_t n, int64_t depth,
+                                        Epilogue& epilogue) {
+  v8 acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int k = 0; k < NV; ++k) acc[r][k] = mask ? load(mask + (j0 + r) * n + i0 + k * kLanes) : splat(0.f);
+  }
+  for (int64_t e = 0; e < depth; ++e) {
+    v8 b[NV];
+    for (int k = 0; k < NV; ++k) b[k] = load(bt + e * n + i0 + k * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const v8 s = splat(a[(j0 + r) * a_stride + e]);
+      for (int k = 0; k < NV; ++k) acc[r][k] += s * b[k];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int k = 0; k < NV; ++k) {
+      store(dst + (j0 + r) * n + i0 + k * kLanes, epilogue.apply(acc[r][k], j0 + r, k));
     }
   }
 }
 
-// dst[j][i] = epilogue(mask[j][i] + sum_e a[j * a_stride + e] * bt[e][i], j, i)   (j < n rows, i in the block,
-// in vectors of 8 queries starting at i). a: n rows of `depth` scalars with row stride a_stride; bt: (depth, n);
-// mask may be null. The epilogue turns the row of products into what is stored while it is in registers.
-template <int NV>
-struct RowsTimesTransposed {
-  template <typename Epilogue>
-  static void run(int64_t i0, const float* a, int64_t a_stride, const float* bt, const float* mask, float* dst,
-                  int64_t n, int64_t depth, const Epilogue& epilogue) {
-    for (int64_t j = 0; j < n; ++j) {
-      const float* arow = a + j * a_stride;
-      v8 acc[NV];
-      for (int k = 0; k < NV; ++k) acc[k] = mask ? load(mask + j * n + i0 + k * kLanes) : splat(0.f);
-      for (int64_t e = 0; e < depth; ++e) {
-        const v8 s = splat(arow[e]);
-        const float* brow = bt + e * n + i0;
-        for (int k = 0; k < NV; ++k) acc[k] += s * load(brow + k * kLanes);
-      }
-      for (int k = 0; k < NV; ++k) store(dst + j * n + i0 + k * kLanes, epilogue(acc[k], j, i0 + k * kLanes));
-    }
-  }
-};
+template <int R, int NV, typename Epilogue>
+inline void rows_times_transposed_columns(int64_t i0, const float* a, int64_t a_stride, const float* bt,
+                                          const float* mask, float* dst, int64_t n, int64_t depth,
+                                          Epilogue& epilogue) {
+  epilogue.template begin<NV>(i0);
+  int64_t j = 0;
+  for (; j + R <= n; j += R) rows_times_transposed_block<R, NV>(j, i0, a, a_stride, bt, mask, dst, n, depth, epilogue);
+  for (; j < n; ++j) rows_times_transposed_block<1, NV>(j, i0, a, a_stride, bt, mask, dst, n, depth, epilogue);
+  epilogue.template end<NV>(i0);
+}
 
-struct Identity {
-  v8 operator()(v8 x, int64_t, int64_t) const { return x; }
-};
-
-template <typename Epilogue = Identity>
+// The whole (n, n) product, column block by column block: the epilogue's begin<NV>(i0) and end<NV>(i0)
+// bracket the rows of a block, so it can hold per-query values (a running maximum, say) in registers.
+// R rows per register block (R * kColumnVectors accumulators).
+template <int R, typename Epilogue>
 inline void rows_times_transposed(const float* a, int64_t a_stride, const float* bt, const float* mask, float* dst,
-                                  int64_t n, int64_t depth, const Epilogue& epilogue = Epilogue()) {
-  blocks<RowsTimesTransposed>(n, a, a_stride, bt, mask, dst, n, depth, epilogue);
+                                  int64_t n, int64_t depth, Epilogue& epilogue) {
+  int64_t i0 = 0;
+  for (; i0 + kColumnVectors * kLanes <= n; i0 += kColumnVectors * kLanes) {
+    rows_times_transposed_columns<R, kColumnVectors>(i0, a, a_stride, bt, mask, dst, n, depth, epilogue);
+  }
+  for (; i0 < n; i0 += kLanes) rows_times_transposed_columns<R, 1>(i0, a, a_stride, bt, mask, dst, n, depth, epilogue);
 }
 
-// dst[e][i] = sum_j a[j * a_stride + e] * pt[j][i]   (e < depth, i in the block): the product A^T P^T.
-template <int NV>
-struct TransposedTimesRows {
-  static void run(int64_t i0, const float* a, int64_t a_stride, const float* pt, float* dst, int64_t n,
-                  int64_t depth) {
-    for (int64_t e = 0; e < depth; ++e) {
-      v8 acc[NV];
-      for (int k = 0; k < NV; ++k) acc[k] = splat(0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const v8 s = splat(a[j * a_stride + e]);
-        const float* prow = pt + j * n + i0;
-        for (int k = 0; k < NV; ++k) acc[k] += s * load(prow + k * kLanes);
-      }
-      for (int k = 0; k < NV; ++k) store(dst + e * n + i0 + k * kLanes, acc[k]);
+// Epilogue base: stores the products unchanged, no per-block state.
+struct Plain {
+  template <int NV>
+  void begin(int64_t) {}
+  template <int NV>
+  void end(int64_t) {}
+  v8 apply(v8 x, int64_t, int) const { return x; }
+};
+
+// dst[e][i] = sum_j a[j * a_stride + e] * pt[j][i] for e0 <= e < e0 + E and the NV vectors of queries from i0:
+// the product A^T P^T, E outputs rows at a time.
+template <int E, int NV>
+inline void transposed_times_rows_block(int64_t e0, int64_t i0, const float* a, int64_t a_stride, const float* pt,
+                                        float* dst, int64_t n) {
+  v8 acc[E][NV];
+  for (int r = 0; r < E; ++r) {
+    for (int k = 0; k < NV; ++k) acc[r][k] = splat(0.f);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    v8 p[NV];
+    for (int k = 0; k < NV; ++k) p[k] = load(pt + j * n + i0 + k * kLanes);
+    for (int r = 0; r < E; ++r) {
+      const v8 s = splat(a[j * a_stride + e0 + r]);
+      for (int k = 0; k < NV; ++k) acc[r][k] += s * p[k];
     }
   }
-};
+  for (int r = 0; r < E; ++r) {
+    for (int k = 0; k < NV; ++k) store(dst + (e0 + r) * n + i0 + k * kLanes, acc[r][k]);
+  }
+}
+
+constexpr int kOutputRows = 5;  // output rows per block of transposed_times_rows (10 accumulators)
+
+template <int NV>
+inline void transposed_times_rows_columns(int64_t i0, const float* a, int64_t a_stride, const float* pt, float* dst,
+                                          int64_t n, int64_t depth) {
+  int64_t e = 0;
+  for (; e + kOutputRows <= depth; e += kOutputRows) {
+    transposed_times_rows_block<kOutputRows, NV>(e, i0, a, a_stride, pt, dst, n);
+  }
+  for (; e < depth; ++e) transposed_times_rows_block<1, NV>(e, i0, a, a_stride, pt, dst, n);
+}
 
 inline void transposed_times_rows(const float* a, int64_t a_stride, const float* pt, float* dst, int64_t n,
                                   int64_t depth) {
-  blocks<TransposedTimesRows>(n, a, a_stride, pt, dst, n, depth);
+  int64_t i0 = 0;
+  for (; i0 + kColumnVectors * kLanes <= n; i0 += kColumnVectors * kLanes) {
+    transposed_times_rows_columns<kColumnVectors>(i0, a, a_stride, pt, dst, n, depth);
+  }
+  for (; i0 < n; i0 += kLanes) transposed_times_rows_columns<1>(i0, a, a_stride, pt, dst, n, depth);
 }
 
 // out[j * out_stride + e] = sum_i x[j][i] * yt[e][i]   (j < n, e < depth): dot products along the queries.
@@ -200,8 +233,63 @@ inline void gather_transposed(const float* q, int64_t c3, float* qt, int64_t n, 
 }
 
 // Scratch floats that forward_pair / backward_pair need for n tokens and head dimension d.
-inline int64_t forward_scratch(int64_t n, int64_t d) { return n * n + 2 * d * n + 4 * n; }
+inline int64_t forward_scratch(int64_t n, int64_t d) { return n * n + 2 * d * n + 2 * n; }
 inline int64_t backward_scratch(int64_t n, int64_t d) { return 2 * n * n + 3 * d * n + 2 * n; }
+
+// Epilogue of the forward scores: the running maximum over keys of each query, held in registers for a
+// column block and stored into mx at its end.
+struct RunningMax : Plain {
+  float* mx;
+  v8 m[kColumnVectors];
+  explicit RunningMax(float* maxima) : mx(maxima) {}
+  template <int NV>
+  void begin(int64_t) {
+    for (int k = 0; k < NV; ++k) m[k] = splat(-__builtin_inff());
+  }
+  template <int NV>
+  void end(int64_t i0) {
+    for (int k = 0; k < NV; ++k) store(mx + i0 + k * kLanes, m[k]);
+  }
+  v8 apply(v8 s, int64_t, int k) {
+    m[k] = vmax(m[k], s);
+    return s;
+  }
+};
+
+// Epilogue of the backward's recomputed probabilities: P^T = exp(S^T - max) / sum from the forward's stats.
+struct Probabilities : Plain {
+  const float *mx_log2e, *inv;
+  v8 m[kColumnVectors], v[kColumnVectors];
+  Probabilities(const float* maxima_log2e, const float* inverse_sums) : mx_log2e(maxima_log2e), inv(inverse_sums) {}
+  template <int NV>
+  void begin(int64_t i0) {
+    for (int k = 0; k < NV; ++k) {
+      m[k] = load(mx_log2e + i0 + k * kLanes);
+      v[k] = load(inv + i0 + k * kLanes);
+    }
+  }
+  v8 apply(v8 s, int64_t, int k) const { return vexp_shifted(s, m[k]) * v[k]; }
+};
+
+// Epilogue of the backward's score gradients: dS^T = P^T * (dP^T - delta), added to grad_mask_t (when not null).
+struct ScoreGradients : Plain {
+  const float *pt, *delta;
+  float* grad_mask_t;
+  int64_t n, i0 = 0;
+  v8 dl[kColumnVectors];
+  ScoreGradients(const float* p, const float* d, float* gm, int64_t tokens) : pt(p), delta(d), grad_mask_t(gm), n(tokens) {}
+  template <int NV>
+  void begin(int64_t i) {
+    i0 = i;
+    for (int k = 0; k < NV; ++k) dl[k] = load(delta + i0 + k * kLanes);
+  }
+  v8 apply(v8 dp, int64_t j, int k) const {
+    const int64_t o = j * n + i0 + k * kLanes;
+    const v8 ds = load(pt + o) * (dp - dl[k]);
+    if (grad_mask_t) store(grad_mask_t + o, load(grad_mask_t + o) + ds);
+    return ds;
+  }
+};
 
 // One (window, head): base points at q of this head in the window's first qkv row (row stride c3, k at
 // +c, v at +2c); mask_t (n, n) transposed; out at this head's first output column (row stride c);
@@ -213,28 +301,31 @@ inline void forward_pair(const float* base, int64_t c, const float* mask_t, floa
   float* qt = st + n * n;
   float* ot = qt + d * n;
   float* mx = ot + d * n;
-  float* sum = mx + n;
-  float* inv = sum + n;
-  float* mxl = inv + n;
+  float* inv = mx + n;
   gather_transposed(base, c3, qt, n, d, scale);
-  for (int64_t i = 0; i < n; i += kLanes) store(mx + i, splat(-__builtin_inff()));
-  // S^T = mask^T + K (scale Q)^T, with the running maximum over keys of each query
-  rows_times_transposed(base + c, c3, qt, mask_t, st, n, d, [mx](v8 s, int64_t, int64_t i) {
-    store(mx + i, vmax(load(mx + i), s));
-    return s;
-  });
+  // S^T = mask^T + K (scale Q)^T, with the maximum over keys of each query
+  RunningMax running_max(mx);
+  rows_times_transposed<5>(base + c, c3, qt, mask_t, st, n, d, running_max);
+  // E^T = exp(S^T - max) in place, and 1 / (sum over keys) per query; two rows at a time (two sum chains)
   for (int64_t i = 0; i < n; i += kLanes) {
-    store(sum + i, splat(0.f));
-    store(mxl + i, load(mx + i) * splat(kLog2e));
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t i = 0; i < n; i += kLanes) {
-      const v8 e = vexp_shifted(load(st + j * n + i), load(mxl + i));
-      store(st + j * n + i, e);
-      store(sum + i, load(sum + i) + e);
+    const v8 ml = load(mx + i) * splat(kLog2e);
+    v8 s0 = splat(0.f), s1 = splat(0.f);
+    int64_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+      const v8 e0 = vexp_shifted(load(st + j * n + i), ml);
+      const v8 e1 = vexp_shifted(load(st + (j + 1) * n + i), ml);
+      store(st + j * n + i, e0);
+      store(st + (j + 1) * n + i, e1);
+      s0 += e0;
+      s1 += e1;
     }
+    for (; j < n; ++j) {
+      const v8 e0 = vexp_shifted(load(st + j * n + i), ml);
+      store(st + j * n + i, e0);
+      s0 += e0;
+    }
+    store(inv + i, splat(1.f) / (s0 + s1));
   }
-  for (int64_t i = 0; i < n; i += kLanes) store(inv + i, splat(1.f) / load(sum + i));
   transposed_times_rows(base + 2 * c, c3, st, ot, n, d);  // O^T (unnormalised) = V^T E^T
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t e = 0; e < d; ++e) out[i * c + e] = ot[e * n + i] * inv[i];
@@ -263,25 +354,23 @@ inline void backward_pair(const float* base, int64_t c, const float* mask_t, con
   float* delta = dqt + d * n;
   float* mxl = delta + n;
   const float* inv = stats + n;
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i) {  // dO^T, and delta
     float acc = 0.f;
-    for (int64_t e = 0; e < d; ++e) acc += out[i * c + e] * grad_out[i * c + e];
+    for (int64_t e = 0; e < d; ++e) {
+      const float g = grad_out[i * c + e];
+      got[e * n + i] = g;
+      acc += out[i * c + e] * g;
+    }
     delta[i] = acc;
   }
   for (int64_t i = 0; i < n; i += kLanes) store(mxl + i, load(stats + i) * splat(kLog2e));
   gather_transposed(base, c3, qt, n, d, scale);
   // P^T = exp(S^T - max) / sum, S^T recomputed as in the forward
-  rows_times_transposed(base + c, c3, qt, mask_t, pt, n, d, [mxl, inv](v8 s, int64_t, int64_t i) {
-    return vexp_shifted(s, load(mxl + i)) * load(inv + i);
-  });
-  gather_transposed(grad_out, c, got, n, d, 1.f);  // dO^T
+  Probabilities probabilities(mxl, inv);
+  rows_times_transposed<4>(base + c, c3, qt, mask_t, pt, n, d, probabilities);
   // dS^T = P^T * (dP^T - delta) with dP^T = V dO^T; the mask gradient is the sum of dS^T
-  rows_times_transposed(base + 2 * c, c3, got, nullptr, dst, n, d,
-                        [pt, delta, grad_mask_t, n](v8 dp, int64_t j, int64_t i) {
-                          const v8 ds = load(pt + j * n + i) * (dp - load(delta + i));
-                          if (grad_mask_t) store(grad_mask_t + j * n + i, load(grad_mask_t + j * n + i) + ds);
-                          return ds;
-                        });
+  ScoreGradients score_gradients(pt, delta, grad_mask_t, n);
+  rows_times_transposed<4>(base + 2 * c, c3, got, nullptr, dst, n, d, score_gradients);
   transposed_times_rows(base + c, c3, dst, dqt, n, d);  // dQ^T / scale = K^T dS^T
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t e = 0; e < d; ++e) grad[i * c3 + e] = dqt[e * n + i] * scale;
