@@ -16,7 +16,7 @@
 //   stats    (W, H, 2, N)  per query: the score maximum and 1 / sum of the exponentials (forward, for
 //                          the backward, which recomputes the probabilities instead of storing them)
 //
-// Each (window, head) pair is computed in a core's L1 cache with the scores held transposed,
+// Each window is computed head by head in a core's L1/L2 cache with the scores held transposed,
 // S^T[j][i] (key j, query i): every product then runs along the N queries of a window in 8-wide
 // vectors with scalar broadcasts of k, v (or the gradient), and the softmax over keys becomes
 // element-wise maxima and sums of rows, with no horizontal reductions. Only dK and dV need dot
@@ -37,6 +37,7 @@
 #include <tuple>
 #include <vector>
 
+#include "gemm_kernels.h"
 #include "token_kernels.h"
 #include "window_attention_kernels.h"
 #include "winograd_kernels.h"
@@ -84,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_forward(const at::Tensor& qk
                                                             const at::Tensor& pattern, int64_t heads, double scale,
                                                             bool keep_stats) {
   const Shape s = check_inputs(qkv, masks_t, pattern, heads);
-  const int64_t n = s.n, d = s.d, c = s.c, c3 = 3 * s.c, hh = s.heads;
+  const int64_t n = s.n, c = s.c, c3 = 3 * s.c, hh = s.heads;
   at::Tensor out = at::empty({s.windows * n, c}, qkv.options());
   at::Tensor stats = keep_stats ? at::empty({s.windows, hh, 2, n}, qkv.options()) : at::empty({0}, qkv.options());
   const float* qkv_p = qkv.const_data_ptr<float>();
@@ -94,12 +95,11 @@ std::tuple<at::Tensor, at::Tensor> window_attention_forward(const at::Tensor& qk
   float* stats_p = keep_stats ? stats.data_ptr<float>() : nullptr;
   const float sc = static_cast<float>(scale);
 
-  at::parallel_for(0, s.windows * hh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(forward_scratch(n, d));
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t w = idx / hh, h = idx % hh;
-      forward_pair(qkv_p + w * n * c3 + h * d, c, mask_p + (pat[w] * hh + h) * n * n, out_p + w * n * c + h * d,
-                   stats_p ? stats_p + idx * 2 * n : nullptr, n, d, sc, scratch.data());
+  at::parallel_for(0, s.windows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(forward_scratch(n, c));
+    for (int64_t w = begin; w < end; ++w) {
+      forward_window(qkv_p + w * n * c3, c, hh, mask_p + pat[w] * hh * n * n, out_p + w * n * c,
+                     stats_p ? stats_p + w * hh * 2 * n : nullptr, n, sc, scratch.data());
     }
   });
   return {out, stats};
@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward(const at::Tensor& g
                                                              const at::Tensor& stats, const at::Tensor& out,
                                                              int64_t heads, double scale, bool mask_grad) {
   const Shape s = check_inputs(qkv, masks_t, pattern, heads);
-  const int64_t n = s.n, d = s.d, c = s.c, c3 = 3 * s.c, hh = s.heads;
+  const int64_t n = s.n, c = s.c, c3 = 3 * s.c, hh = s.heads;
   TORCH_CHECK(grad_out.scalar_type() == at::kFloat && grad_out.is_contiguous() && grad_out.dim() == 2 &&
                   grad_out.size(0) == s.windows * n && grad_out.size(1) == c,
               "dtkd_cpu window attention backward: contiguous float32 grad_out of shape (", s.windows * n, ", ", c,
@@ -134,15 +134,14 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward(const at::Tensor& g
   float* gm_p = mask_grad ? grad_masks_per_thread.data_ptr<float>() : nullptr;
   const float sc = static_cast<float>(scale);
 
-  at::parallel_for(0, s.windows * hh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(backward_scratch(n, d));
+  at::parallel_for(0, s.windows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(backward_scratch(n, c));
     const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t w = idx / hh, h = idx % hh;
-      const int64_t mask_offset = (pat[w] * hh + h) * n * n;
-      backward_pair(qkv_p + w * n * c3 + h * d, c, mask_p + mask_offset, stats_p + idx * 2 * n,
-                    out_p + w * n * c + h * d, go_p + w * n * c + h * d, gq_p + w * n * c3 + h * d,
-                    gm_p ? gm_p + tid * mask_numel + mask_offset : nullptr, n, d, sc, scratch.data());
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t mask_offset = pat[w] * hh * n * n;
+      backward_window(qkv_p + w * n * c3, c, hh, mask_p + mask_offset, stats_p + w * hh * 2 * n, out_p + w * n * c,
+                      go_p + w * n * c, gq_p + w * n * c3, gm_p ? gm_p + tid * mask_numel + mask_offset : nullptr, n,
+                      sc, scratch.data());
     }
   });
   at::Tensor grad_masks = mask_grad ? grad_masks_per_thread.sum(0).view(masks_t.sizes()) : at::empty({0}, qkv.options());
@@ -218,6 +217,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
 }
 
 
+// ---- Fully connected layers over token rows: out (m, n) = x (m, k) weight (n, k)^T + bias ----
+
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_rows(x, "linear_rows");
+  check_rows(weight, "linear_rows weight");
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  TORCH_CHECK(weight.size(1) == k, "dtkd_cpu linear_rows: weight ", weight.sizes(), " does not match ", k,
+              " input features");
+  const float* b = optional_vector(bias, n, "linear_rows bias");
+  at::Tensor out = at::empty({m, n}, x.options());
+  const int64_t np = dtkd_gemm::panels(n);
+  std::vector<float> packed(np * k * dtkd_gemm::kPanel + np * dtkd_gemm::kPanel);
+  float* bp = packed.data();
+  float* bias_p = bp + np * k * dtkd_gemm::kPanel;
+  dtkd_gemm::pack(weight.const_data_ptr<float>(), b, n, k, bp, bias_p);
+  const float* xp = x.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t chunks = (m + dtkd_gemm::kChunkRows - 1) / dtkd_gemm::kChunkRows;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    dtkd_gemm::rows(xp, k, bp, bias_p, n, k, op, n, begin * dtkd_gemm::kChunkRows,
+                    std::min(m, end * dtkd_gemm::kChunkRows));
+  });
+  return out;
+}
+
+
 // ---- Winograd F(2x2, 3x3) transforms, one image and a block of tile rows at a time ----
 //   x    (N, C, H, W)        input, contiguous float32
 //   v    (16, C, rows * tw)  transformed input tiles of tile rows [row0, row0 + rows) of image n
@@ -287,6 +312,7 @@ TORCH_LIBRARY(dtkd_cpu, m) {
   m.def("layer_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, bool weight_grad, "
         "bool bias_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("winograd_f2_input(Tensor x, int image, int row0, int rows, Tensor(a!) v) -> ()");
   m.def("winograd_f2_output(Tensor m, Tensor? bias, int image, int row0, int rows, Tensor(a!) out) -> ()");
 }
@@ -296,6 +322,7 @@ TORCH_LIBRARY_IMPL(dtkd_cpu, CPU, m) {
   m.impl("layer_norm_backward", &layer_norm_backward);
   m.impl("window_attention_forward", &window_attention_forward);
   m.impl("window_attention_backward", &window_attention_backward);
+  m.impl("linear_rows", &linear_rows);
   m.impl("winograd_f2_input", &winograd_f2_input);
   m.impl("winograd_f2_output", &winograd_f2_output);
 }

@@ -225,16 +225,51 @@ inline void rows_dot_rows(const float* x, const float* yt, float* out, int64_t o
   }
 }
 
-// qt[e][i] = scale * q[i][e] for one window and head (q rows with stride c3).
-inline void gather_transposed(const float* q, int64_t c3, float* qt, int64_t n, int64_t d, float scale) {
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t e = 0; e < d; ++e) qt[e * n + i] = q[i * c3 + e] * scale;
+// The eight rows of an 8 x 8 block transposed in registers (unpack, shuffle and 128-bit lane permutes).
+inline void transpose8(v8 r[8]) {
+  v8 t[8], u[8];
+  for (int k = 0; k < 4; ++k) {
+    t[2 * k] = DTKD_SHUFFLE2(r[2 * k], r[2 * k + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[2 * k + 1] = DTKD_SHUFFLE2(r[2 * k], r[2 * k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int k = 0; k < 2; ++k) {
+    for (int h = 0; h < 2; ++h) {
+      const v8 a = t[4 * k + h], b = t[4 * k + h + 2];
+      u[4 * k + 2 * h] = DTKD_SHUFFLE2(a, b, 0, 1, 8, 9, 4, 5, 12, 13);
+      u[4 * k + 2 * h + 1] = DTKD_SHUFFLE2(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = DTKD_SHUFFLE2(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[k + 4] = DTKD_SHUFFLE2(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 
-// Scratch floats that forward_pair / backward_pair need for n tokens and head dimension d.
-inline int64_t forward_scratch(int64_t n, int64_t d) { return n * n + 2 * d * n + 2 * n; }
-inline int64_t backward_scratch(int64_t n, int64_t d) { return 2 * n * n + 3 * d * n + 2 * n; }
+// dst[j * dst_stride + i] = scale * src[i * src_stride + j] for i < rows, j < cols: 8 x 8 blocks in registers,
+// scalar edges.
+inline void transpose(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows,
+                      int64_t cols, float scale) {
+  const int64_t rows8 = rows - rows % kLanes, cols8 = cols - cols % kLanes;
+  const v8 sc = splat(scale);
+  for (int64_t i = 0; i < rows8; i += kLanes) {
+    for (int64_t j = 0; j < cols8; j += kLanes) {
+      v8 r[8];
+      for (int k = 0; k < 8; ++k) r[k] = load(src + (i + k) * src_stride + j);
+      transpose8(r);
+      for (int k = 0; k < 8; ++k) store(dst + (j + k) * dst_stride + i, r[k] * sc);
+    }
+    for (int64_t j = cols8; j < cols; ++j) {
+      for (int64_t k = i; k < i + kLanes; ++k) dst[j * dst_stride + k] = src[k * src_stride + j] * scale;
+    }
+  }
+  for (int64_t i = rows8; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j] * scale;
+  }
+}
+
+// Scratch floats that forward_window / backward_window need for n tokens and c channels.
+inline int64_t forward_scratch(int64_t n, int64_t c) { return n * n + 2 * c * n + 2 * n; }
+inline int64_t backward_scratch(int64_t n, int64_t c) { return 2 * n * n + 4 * c * n + 2 * n; }
 
 // Epilogue of the forward scores: the running maximum over keys of each query, held in registers for a
 // column block and stored into mx at its end.
@@ -291,92 +326,98 @@ struct ScoreGradients : Plain {
   }
 };
 
-// One (window, head): base points at q of this head in the window's first qkv row (row stride c3, k at
-// +c, v at +2c); mask_t (n, n) transposed; out at this head's first output column (row stride c);
-// stats (2, n) or null.
-inline void forward_pair(const float* base, int64_t c, const float* mask_t, float* out, float* stats, int64_t n,
-                         int64_t d, float scale, float* scratch) {
-  const int64_t c3 = 3 * c;
+// One window, all its heads. qkv: the window's first qkv row (row stride 3c; q, k, v at columns 0, c, 2c, head h at
+// h * d); masks_t (heads, n, n), each transposed; out: the window's first output row (row stride c); stats
+// (heads, 2, n) or null. Each head is computed with its scores transposed (see above); the queries and the
+// outputs of all heads are transposed once per window, in 8 x 8 register blocks.
+inline void forward_window(const float* qkv, int64_t c, int64_t heads, const float* masks_t, float* out, float* stats,
+                           int64_t n, float scale, float* scratch) {
+  const int64_t c3 = 3 * c, d = c / heads;
   float* st = scratch;
-  float* qt = st + n * n;
-  float* ot = qt + d * n;
-  float* mx = ot + d * n;
+  float* qt = st + n * n;   // (c, n): scale * q^T
+  float* ot = qt + c * n;   // (c, n): O^T
+  float* mx = ot + c * n;
   float* inv = mx + n;
-  gather_transposed(base, c3, qt, n, d, scale);
-  // S^T = mask^T + K (scale Q)^T, with the maximum over keys of each query
-  RunningMax running_max(mx);
-  rows_times_transposed<5>(base + c, c3, qt, mask_t, st, n, d, running_max);
-  // E^T = exp(S^T - max) in place, and 1 / (sum over keys) per query; two rows at a time (two sum chains)
-  for (int64_t i = 0; i < n; i += kLanes) {
-    const v8 ml = load(mx + i) * splat(kLog2e);
-    v8 s0 = splat(0.f), s1 = splat(0.f);
-    int64_t j = 0;
-    for (; j + 2 <= n; j += 2) {
-      const v8 e0 = vexp_shifted(load(st + j * n + i), ml);
-      const v8 e1 = vexp_shifted(load(st + (j + 1) * n + i), ml);
-      store(st + j * n + i, e0);
-      store(st + (j + 1) * n + i, e1);
-      s0 += e0;
-      s1 += e1;
+  transpose(qkv, c3, qt, n, n, c, scale);
+  for (int64_t h = 0; h < heads; ++h) {
+    float* oth = ot + h * d * n;
+    // S^T = mask^T + K (scale Q)^T, with the maximum over keys of each query
+    RunningMax running_max(mx);
+    rows_times_transposed<5>(qkv + c + h * d, c3, qt + h * d * n, masks_t + h * n * n, st, n, d, running_max);
+    // E^T = exp(S^T - max) in place, and 1 / (sum over keys) per query; two rows at a time (two sum chains)
+    for (int64_t i = 0; i < n; i += kLanes) {
+      const v8 ml = load(mx + i) * splat(kLog2e);
+      v8 s0 = splat(0.f), s1 = splat(0.f);
+      int64_t j = 0;
+      for (; j + 2 <= n; j += 2) {
+        const v8 e0 = vexp_shifted(load(st + j * n + i), ml);
+        const v8 e1 = vexp_shifted(load(st + (j + 1) * n + i), ml);
+        store(st + j * n + i, e0);
+        store(st + (j + 1) * n + i, e1);
+        s0 += e0;
+        s1 += e1;
+      }
+      for (; j < n; ++j) {
+        const v8 e0 = vexp_shifted(load(st + j * n + i), ml);
+        store(st + j * n + i, e0);
+        s0 += e0;
+      }
+      store(inv + i, splat(1.f) / (s0 + s1));
     }
-    for (; j < n; ++j) {
-      const v8 e0 = vexp_shifted(load(st + j * n + i), ml);
-      store(st + j * n + i, e0);
-      s0 += e0;
+    transposed_times_rows(qkv + 2 * c + h * d, c3, st, oth, n, d);  // O^T (unnormalised) = V^T E^T
+    for (int64_t e = 0; e < d; ++e) {
+      for (int64_t i = 0; i < n; i += kLanes) store(oth + e * n + i, load(oth + e * n + i) * load(inv + i));
     }
-    store(inv + i, splat(1.f) / (s0 + s1));
-  }
-  transposed_times_rows(base + 2 * c, c3, st, ot, n, d);  // O^T (unnormalised) = V^T E^T
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t e = 0; e < d; ++e) out[i * c + e] = ot[e * n + i] * inv[i];
-  }
-  if (stats) {
-    for (int64_t i = 0; i < n; ++i) {
-      stats[i] = mx[i];
-      stats[n + i] = inv[i];
+    if (stats) {
+      for (int64_t i = 0; i < n; ++i) {
+        stats[h * 2 * n + i] = mx[i];
+        stats[h * 2 * n + n + i] = inv[i];
+      }
     }
   }
+  transpose(ot, n, out, c, c, n, 1.f);
 }
 
-// The backward of forward_pair. out: this head's forward output (row stride c); grad_out likewise; grad at
-// this head's q column of the window's first grad_qkv row (row stride 3c); grad_mask_t (n, n) accumulated, or
-// null. The probabilities are recomputed from the stats; delta_i = sum_j P_ij dP_ij is taken as O_i . dO_i
-// (the same sum, since O_i = sum_j P_ij v_j), so dS can be formed while each row of dP is in registers.
-inline void backward_pair(const float* base, int64_t c, const float* mask_t, const float* stats, const float* out,
-                          const float* grad_out, float* grad, float* grad_mask_t, int64_t n, int64_t d, float scale,
-                          float* scratch) {
-  const int64_t c3 = 3 * c;
+// The backward of forward_window. out, grad_out: the window's forward output and its gradient (row stride c);
+// grad: the window's first grad_qkv row (row stride 3c); grad_masks_t (heads, n, n) accumulated, or null.
+// The probabilities are recomputed from the stats; delta_i = sum_j P_ij dP_ij is taken as O_i . dO_i (the
+// same sum, since O_i = sum_j P_ij v_j), so dS can be formed while each row of dP is in registers.
+inline void backward_window(const float* qkv, int64_t c, int64_t heads, const float* masks_t, const float* stats,
+                            const float* out, const float* grad_out, float* grad, float* grad_masks_t, int64_t n,
+                            float scale, float* scratch) {
+  const int64_t c3 = 3 * c, d = c / heads;
   float* pt = scratch;
   float* dst = pt + n * n;
-  float* qt = dst + n * n;
-  float* got = qt + d * n;
-  float* dqt = got + d * n;
-  float* delta = dqt + d * n;
+  float* qt = dst + n * n;  // (c, n): scale * q^T
+  float* got = qt + c * n;  // (c, n): dO^T
+  float* ot = got + c * n;  // (c, n): O^T
+  float* dqt = ot + c * n;  // (c, n): dQ^T / scale
+  float* delta = dqt + c * n;
   float* mxl = delta + n;
-  const float* inv = stats + n;
-  for (int64_t i = 0; i < n; ++i) {  // dO^T, and delta
-    float acc = 0.f;
-    for (int64_t e = 0; e < d; ++e) {
-      const float g = grad_out[i * c + e];
-      got[e * n + i] = g;
-      acc += out[i * c + e] * g;
+  transpose(qkv, c3, qt, n, n, c, scale);
+  transpose(grad_out, c, got, n, n, c, 1.f);
+  transpose(out, c, ot, n, n, c, 1.f);
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* qth = qt + h * d * n;
+    const float* goth = got + h * d * n;
+    const float* sh = stats + h * 2 * n;
+    for (int64_t i = 0; i < n; i += kLanes) {
+      v8 acc = splat(0.f);
+      for (int64_t e = 0; e < d; ++e) acc += load(ot + (h * d + e) * n + i) * load(goth + e * n + i);
+      store(delta + i, acc);
+      store(mxl + i, load(sh + i) * splat(kLog2e));
     }
-    delta[i] = acc;
+    // P^T = exp(S^T - max) / sum, S^T recomputed as in the forward
+    Probabilities probabilities(mxl, sh + n);
+    rows_times_transposed<4>(qkv + c + h * d, c3, qth, masks_t + h * n * n, pt, n, d, probabilities);
+    // dS^T = P^T * (dP^T - delta) with dP^T = V dO^T; the mask gradient is the sum of dS^T
+    ScoreGradients score_gradients(pt, delta, grad_masks_t ? grad_masks_t + h * n * n : nullptr, n);
+    rows_times_transposed<4>(qkv + 2 * c + h * d, c3, goth, nullptr, dst, n, d, score_gradients);
+    transposed_times_rows(qkv + c + h * d, c3, dst, dqt + h * d * n, n, d);  // dQ^T / scale = K^T dS^T
+    rows_dot_rows(dst, qth, grad + c + h * d, c3, n, d);       // dK = dS^T (scale Q)
+    rows_dot_rows(pt, goth, grad + 2 * c + h * d, c3, n, d);   // dV = P^T dO
   }
-  for (int64_t i = 0; i < n; i += kLanes) store(mxl + i, load(stats + i) * splat(kLog2e));
-  gather_transposed(base, c3, qt, n, d, scale);
-  // P^T = exp(S^T - max) / sum, S^T recomputed as in the forward
-  Probabilities probabilities(mxl, inv);
-  rows_times_transposed<4>(base + c, c3, qt, mask_t, pt, n, d, probabilities);
-  // dS^T = P^T * (dP^T - delta) with dP^T = V dO^T; the mask gradient is the sum of dS^T
-  ScoreGradients score_gradients(pt, delta, grad_mask_t, n);
-  rows_times_transposed<4>(base + 2 * c, c3, got, nullptr, dst, n, d, score_gradients);
-  transposed_times_rows(base + c, c3, dst, dqt, n, d);  // dQ^T / scale = K^T dS^T
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t e = 0; e < d; ++e) grad[i * c3 + e] = dqt[e * n + i] * scale;
-  }
-  rows_dot_rows(dst, qt, grad + c, c3, n, d);      // dK = dS^T (scale Q)
-  rows_dot_rows(pt, got, grad + 2 * c, c3, n, d);  // dV = P^T dO
+  transpose(dqt, n, grad, c3, c, n, scale);
 }
 
 }  // namespace dtkd_wa
