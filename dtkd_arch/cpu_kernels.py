@@ -257,6 +257,56 @@ def layer_norm(x, weight, bias, eps):
     return torch.ops.dtkd_cpu.layer_norm_forward(x, weight, bias, float(eps))[0]
 
 
+# ---- The MLP of a transformer block: fc2(GELU(fc1(x))) ----
+
+def supports_mlp(x, *weights):
+    """Whether :func:`mlp_gelu` handles ``x`` (rows, C) and the layers' ``weights``: fp32 CPU tensors, no
+    autocast, not under ``torch.compile``, kernels built."""
+    return (supports_tokens(x) and x.dim() == 2 and x.shape[0] > 0 and not torch.is_autocast_enabled('cpu')
+            and all(w.device.type == 'cpu' and w.dtype == torch.float32 for w in weights))
+
+
+class _MlpGelu(torch.autograd.Function):
+    """fc2(GELU(fc1(x))) with fc1 and its GELU fused: the forward's GELU runs on fc1's products while they are in
+    registers (``linear_gelu``, keeping the pre-activation h), and the backward's GELU derivative on the products
+    ``grad @ fc2.weight`` (``linear_gelu_backward``), so neither makes a pass of its own over the (T, hidden)
+    activations. fc2 and the weight and input gradients run in :mod:`dtkd_arch.cpu_ops` (tuned per shape)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        h, a = torch.ops.dtkd_cpu.linear_gelu(x, w1, b1, True)
+        ctx.save_for_backward(x, h, a, w1, w2)
+        ctx.has_bias = (b1 is not None, b2 is not None)
+        return cpu_ops.linear_pass('forward', a, w2, b2 is not None, a, w2, b2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, h, a, w1, w2 = ctx.saved_tensors
+        (has_b1, has_b2), need = ctx.has_bias, ctx.needs_input_grad
+        grad = grad.contiguous()
+        gw2 = cpu_ops.linear_pass('grad_weight', a, w2, has_b2, grad, a, w2) if need[3] else None
+        gb2 = grad.sum(0) if has_b2 and need[4] else None
+        gx = gw1 = gb1 = None
+        if need[0] or need[1] or need[2]:
+            dh = torch.ops.dtkd_cpu.linear_gelu_backward(grad, w2.t().contiguous(), h)
+            gw1 = cpu_ops.linear_pass('grad_weight', x, w1, has_b1, dh, x, w1) if need[1] else None
+            gb1 = dh.sum(0) if has_b1 and need[2] else None
+            gx = cpu_ops.linear_pass('grad_input', x, w1, has_b1, dh, w1) if need[0] else None
+        return gx, gw1, gb1, gw2, gb2
+
+
+def mlp_gelu(x, w1, b1, w2, b2):
+    """``F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)`` (exact GELU) for x (rows, C) on the CPU (call
+    :func:`supports_mlp` first); differentiable. Without gradients the pre-activation is not kept."""
+    x = x.contiguous()
+    tensors = [t for t in (x, w1, b1, w2, b2) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _MlpGelu.apply(x, w1, b1, w2, b2)
+    a = torch.ops.dtkd_cpu.linear_gelu(x, w1, b1, False)[1]
+    return cpu_ops.linear_pass('forward', a, w2, b2 is not None, a, w2, b2)
+
+
 # ---- 3x3 convolutions as Winograd F(2x2, 3x3) ----
 
 _CONV_ENV = 'DTKD_CPU_CONV'

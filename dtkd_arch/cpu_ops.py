@@ -20,8 +20,11 @@ candidate runs once untimed and then ``_TRIALS`` times, interleaved, on the real
 fastest (by its best time) is kept for the rest of the process; it then runs once more for the result,
 so that measuring holds no more memory than a plain call. The passes and their candidates:
 
-- forward: ``F.linear`` (BLAS) or the 1x1 convolution (oneDNN);
-- gradient of the input: ``g W`` as a BLAS product or as a 1x1 convolution with ``W^T``;
+- forward: ``F.linear`` (BLAS), the 1x1 convolution (oneDNN) or, for fp32 where
+  :mod:`dtkd_arch.cpu_kernels` is built and the weight has at most 2^17 elements, its compiled
+  product (``csrc/gemm_kernels.h``, 'compiled');
+- gradient of the input: ``g W`` as a BLAS product, as a 1x1 convolution with ``W^T`` or as the
+  compiled product;
 - gradient of the weight: ``g^T x`` as a BLAS product or oneDNN's convolution weight gradient;
 - gradient of the bias: ``g.sum(0)`` (no choice).
 
@@ -177,10 +180,34 @@ def _conv_weight_grad(grad, rows, weight):
                                                [0, 0], 1, [False, True, False])[1].view_as(weight)
 
 
-_FORWARD = {'blas': F.linear, 'onednn': _conv_linear}
+def _compiled_linear(rows, weight, bias):
+    return torch.ops.dtkd_cpu.linear_rows(rows, weight, bias)
+
+
+# 'compiled': dtkd_arch.cpu_kernels' matrix product (csrc/gemm_kernels.h), a candidate where it is built and the
+# rows are fp32 (``_candidates``); there is no compiled weight gradient (MKL's is the faster of the libraries).
+_FORWARD = {'blas': F.linear, 'onednn': _conv_linear, 'compiled': _compiled_linear}
 _GRAD_INPUT = {'blas': lambda g, w: torch.mm(g, w),
-               'onednn': lambda g, w: _conv_linear(g, w.t().contiguous(), None)}
+               'onednn': lambda g, w: _conv_linear(g, w.t().contiguous(), None),
+               'compiled': lambda g, w: _compiled_linear(g, w.t().contiguous(), None)}
 _GRAD_WEIGHT = {'blas': lambda g, x, w: torch.mm(g.t(), x), 'onednn': _conv_weight_grad}
+
+
+_COMPILED_MAX_WEIGHT = 1 << 17  # weight elements (512 KiB): the compiled product keeps the whole weight in L2
+
+
+def _compiled_available(rows, weight):
+    if rows.dtype != torch.float32 or weight.numel() > _COMPILED_MAX_WEIGHT:
+        return False
+    from dtkd_arch import cpu_kernels  # imports this module: a top-level import would be circular
+    return cpu_kernels.available()
+
+
+def _candidates(table, rows, weight):
+    """The kernels of ``table`` that can run on ``rows`` (T, in) for ``weight`` (out, in)."""
+    if 'compiled' in table and not _compiled_available(rows, weight):
+        return {name: fn for name, fn in table.items() if name != 'compiled'}
+    return table
 
 
 def _tuned(name, key, candidates, *args, trials=_TRIALS, probe=None):
@@ -190,7 +217,7 @@ def _tuned(name, key, candidates, *args, trials=_TRIALS, probe=None):
     kind) or None for ``args`` themselves."""
     key = (name,) + key
     choice = _choices.get(key)
-    if choice is not None:
+    if choice in candidates:  # (a choice no longer among them, say compiled kernels since switched off: measure)
         return candidates[choice](*args)
     sample = (probe() if probe is not None else None) or args
     best = {}
@@ -206,6 +233,30 @@ def _tuned(name, key, candidates, *args, trials=_TRIALS, probe=None):
     return candidates[choice](*args)
 
 
+def _table(name):
+    """The candidates of pass ``name`` (looked up at each call, so that they can be replaced)."""
+    return {'forward': _FORWARD, 'grad_input': _GRAD_INPUT, 'grad_weight': _GRAD_WEIGHT}[name]
+
+
+def linear_pass(name, rows, weight, has_bias, *args):
+    """One pass ('forward', 'grad_input' or 'grad_weight') of the fully connected layer with forward input
+    ``rows`` (T, in) and ``weight`` (out, in), on ``args`` (as the kernels of ``_FORWARD``, ``_GRAD_INPUT``,
+    ``_GRAD_WEIGHT`` take them), in the backend's kernel: for kernels that build a layer's backward themselves.
+    'auto' shares its per-shape choices with :func:`linear`."""
+    candidates = _table(name)
+    if _backend == 'blas' or not _cpu_kernel_dtype(rows):
+        return candidates['blas'](*args)
+    if _backend != 'auto':
+        return candidates[_backend](*args)
+    return _tuned_pass(name, rows, weight, has_bias, *args)
+
+
+def _tuned_pass(name, rows, weight, has_bias, *args):
+    """``_tuned`` for one pass of the layer with forward input ``rows`` and ``weight``, among the candidates that
+    can run it."""
+    return _tuned(name, _key(rows, weight, has_bias), _candidates(_table(name), rows, weight), *args)
+
+
 def _key(rows, weight, has_bias):
     bucket = 1 << max(0, (rows.shape[0] - 1).bit_length())
     return (rows.dtype, bucket, weight.shape[1], weight.shape[0], has_bias, torch.get_num_threads())
@@ -218,19 +269,18 @@ class _TunedLinear(torch.autograd.Function):
     def forward(ctx, rows, weight, bias):
         ctx.save_for_backward(rows, weight)
         ctx.has_bias = bias is not None
-        return _tuned('forward', _key(rows, weight, ctx.has_bias), _FORWARD, rows, weight, bias)
+        return _tuned_pass('forward', rows, weight, ctx.has_bias, rows, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         rows, weight = ctx.saved_tensors
         grad = grad.contiguous()
-        key = _key(rows, weight, ctx.has_bias)
         grad_rows = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_rows = _tuned('grad_input', key, _GRAD_INPUT, grad, weight)
+            grad_rows = _tuned_pass('grad_input', rows, weight, ctx.has_bias, grad, weight)
         if ctx.needs_input_grad[1]:
-            grad_weight = _tuned('grad_weight', key, _GRAD_WEIGHT, grad, rows, weight)
+            grad_weight = _tuned_pass('grad_weight', rows, weight, ctx.has_bias, grad, rows, weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_rows, grad_weight, grad_bias
@@ -262,7 +312,7 @@ def linear(x, weight, bias=None):
     if needs_grad:
         out = _TunedLinear.apply(rows, weight, bias)
     else:
-        out = _tuned('forward', _key(rows, weight, bias is not None), _FORWARD, rows, weight, bias)
+        out = _tuned_pass('forward', rows, weight, bias is not None, rows, weight, bias)
     return out.view(*lead, weight.shape[0])
 
 

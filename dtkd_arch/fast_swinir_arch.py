@@ -407,7 +407,13 @@ class _Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        """x: (T, C) token stream. Exact GELU without dropout runs as one fused CPU kernel where it applies
+        (``cpu_kernels.mlp_gelu``)."""
+        fc1, fc2 = self.fc1, self.fc2
+        if (type(self.act) is nn.GELU and self.act.approximate == 'none' and (self.drop.p == 0 or not self.training)
+                and cpu_kernels.supports_mlp(x, fc1.weight, fc2.weight)):
+            return cpu_kernels.mlp_gelu(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        return self.drop(fc2(self.drop(self.act(fc1(x)))))
 
 
 class _WindowAttention(nn.Module):

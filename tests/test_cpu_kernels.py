@@ -1,6 +1,6 @@
 """The compiled CPU kernels (dtkd_arch/cpu_kernels.py, csrc/): window attention against an independent float64
 computation of softmax(q k^T scale + mask) v and its autograd gradients, LayerNorm against float64
-F.layer_norm."""
+F.layer_norm, the fully connected products and the MLP with fused GELU against float64 F.linear / F.gelu."""
 import os
 import subprocess
 import sys
@@ -255,3 +255,99 @@ def test_a_built_library_is_loaded_without_the_build_tools():
             'from dtkd_arch import cpu_kernels\n'
             'assert cpu_kernels.available(), cpu_kernels.build_error()\n')
     subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT, timeout=300)
+
+
+def _errors_within_torch_float32(results, scale_floor=1e-6):
+    """results: {'float64': [...], 'torch float32': [...], 'kernel': [...]}, tensors in the same order: every kernel
+    error within 4x torch's own float32 error (or a 1e-6 relative floor)."""
+    for k, want in enumerate(results['float64']):
+        err = (results['kernel'][k].double() - want).abs().max().item()
+        torch_err = (results['torch float32'][k].double() - want).abs().max().item()
+        assert err < max(4 * torch_err, scale_floor * want.abs().max().item()), (k, err, torch_err)
+
+
+@pytest.mark.parametrize('rows, k, n', [
+    (300, 60, 180),  # SwinIR-small's qkv layer: 11 full panels of 16 columns and one of 4
+    (97, 120, 60),  # rows not a multiple of the 6-row micro-kernel
+    (50, 60, 16),  # one full panel
+    (7, 13, 5),  # fewer columns than one vector
+    (1, 3, 17),  # a single row
+    (61, 33, 31),
+])
+def test_linear_kernels_match_float64_reference(rows, k, n):
+    """linear_rows, linear_gelu (pre-activation and GELU) and linear_gelu_backward against float64."""
+    g = torch.Generator().manual_seed(rows + k + n)
+    x = torch.randn(rows, k, generator=g, dtype=torch.float64)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) * k**-0.5 * 2
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    up = torch.randn(rows, k, generator=g, dtype=torch.float64)  # gradient arriving from the next layer ...
+    w_next = torch.randn(k, n, generator=g, dtype=torch.float64)  # ... through weight (k, n): grad (rows, n)
+    op = torch.ops.dtkd_cpu
+    results = {}
+    for name, dtype in (('float64', torch.float64), ('torch float32', torch.float32), ('kernel', torch.float32)):
+        xs, ws, bs, ups, wns = (t.to(dtype) for t in (x, w, b, up, w_next))
+        if name == 'kernel':
+            y = op.linear_rows(xs, ws, bs)
+            h, a = op.linear_gelu(xs, ws, bs, True)
+            dh = op.linear_gelu_backward(ups, wns.t().contiguous(), h)
+            assert torch.equal(op.linear_gelu(xs, ws, bs, False)[1], a)
+        else:
+            y = torch.nn.functional.linear(xs, ws, bs)
+            h = y
+            a = torch.nn.functional.gelu(h)
+            dh = torch.ops.aten.gelu_backward(ups @ wns, h)
+        results[name] = [y, h, a, dh]
+    _errors_within_torch_float32(results)
+
+
+def test_linear_kernels_bad_inputs():
+    op = torch.ops.dtkd_cpu
+    x = torch.randn(10, 6)
+    with pytest.raises(RuntimeError, match='does not match 6 input features'):
+        op.linear_rows(x, torch.randn(4, 5), None)
+    with pytest.raises(RuntimeError, match='vector of 4 values'):
+        op.linear_gelu(x, torch.randn(4, 6), torch.randn(3), True)
+    with pytest.raises(RuntimeError, match='float32'):
+        op.linear_rows(x.double(), torch.randn(4, 6).double(), None)
+    with pytest.raises(RuntimeError, match='h'):
+        op.linear_gelu_backward(torch.randn(10, 6), torch.randn(4, 6), torch.randn(10, 5))
+
+
+@pytest.mark.parametrize('need', ['all', 'weights only', 'input only'])
+def test_mlp_gelu_matches_float64_reference(need):
+    """cpu_kernels.mlp_gelu (fc2(GELU(fc1(x))), fused GELU) and its gradients against float64 autograd; the
+    tensors that need no gradient get none."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(200, 60), (120, 60), (120,), (60, 120), (60,)]
+    tensors = [torch.randn(*s, generator=g, dtype=torch.float64) * (0.2 if len(s) == 2 and i else 1)
+               for i, s in enumerate(shapes)]
+    wants = {'all': [True] * 5, 'weights only': [False, True, True, True, True],
+             'input only': [True, False, False, False, False]}[need]
+    grad = torch.randn(200, 60, generator=g, dtype=torch.float64)
+    results = {}
+    for name, dtype in (('float64', torch.float64), ('torch float32', torch.float32), ('kernel', torch.float32)):
+        leaves = [t.to(dtype, copy=True).requires_grad_(want) for t, want in zip(tensors, wants)]
+        if name == 'kernel':
+            assert cpu_kernels.supports_mlp(leaves[0], leaves[1], leaves[3])
+            y = cpu_kernels.mlp_gelu(*leaves)
+        else:
+            f = torch.nn.functional
+            y = f.linear(f.gelu(f.linear(leaves[0], leaves[1], leaves[2])), leaves[3], leaves[4])
+        y.backward(grad.to(dtype))
+        results[name] = [y.detach()] + [t.grad for t in leaves if t.requires_grad]
+        if name == 'kernel':
+            assert all((t.grad is None) != want for t, want in zip(leaves, wants))
+            with torch.no_grad():  # no pre-activation kept: the same output
+                assert torch.equal(cpu_kernels.mlp_gelu(*leaves), y.detach())
+    _errors_within_torch_float32(results)
+
+
+def test_mlp_gelu_supports_only_what_it_computes():
+    x, w = torch.randn(8, 4), torch.randn(6, 4)
+    assert cpu_kernels.supports_mlp(x, w, w.t())
+    assert not cpu_kernels.supports_mlp(x.double(), w, w.t())
+    assert not cpu_kernels.supports_mlp(x, w.double(), w.t())
+    assert not cpu_kernels.supports_mlp(x[:0], w, w.t())
+    assert not cpu_kernels.supports_mlp(x.view(2, 4, 4), w, w.t())
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not cpu_kernels.supports_mlp(x, w, w.t())

@@ -57,9 +57,13 @@ def test_linear_matches_f_linear_values_and_gradients(backend, shape, cin, cout,
 
 
 @needs_onednn
-@pytest.mark.parametrize('forward, grad_input, grad_weight', list(itertools.product(['blas', 'onednn'], repeat=3)))
+@pytest.mark.parametrize('forward, grad_input, grad_weight', list(itertools.product(
+    ['blas', 'onednn', 'compiled'], ['blas', 'onednn', 'compiled'], ['blas', 'onednn'])))
 def test_every_combination_of_tuned_kernels_is_exact(monkeypatch, forward, grad_input, grad_weight):
-    """Whatever the tuner picks for each pass, values and gradients are F.linear's (up to rounding)."""
+    """Whatever the tuner picks for each pass, values and gradients are F.linear's (up to rounding); 'compiled'
+    is dtkd_arch.cpu_kernels' product."""
+    from dtkd_arch import cpu_kernels
+    assert cpu_kernels.available(), cpu_kernels.build_error()
     torch.manual_seed(1)
     x, w, b = torch.randn(2, 150, 40), torch.randn(72, 40) * 0.2, torch.randn(72)
     key = cpu_ops._key(x.reshape(-1, 40), w, True)
@@ -226,3 +230,17 @@ def test_bf16_users_are_warned_where_they_set_it(monkeypatch, tmp_path):
     opt['sampler'].update(precision='bf16', device='cpu')
     with pytest.warns(RuntimeWarning, match=r"ResShift teacher precision 'bf16' \(sampler.precision"):
         ResShiftTeacher.from_options(opt)
+
+
+@needs_onednn
+def test_a_choice_that_is_no_longer_available_is_measured_again(monkeypatch):
+    """A shape tuned to the compiled product, then run with the compiled kernels switched off, is measured again
+    among the libraries instead of failing."""
+    x, w, b = torch.randn(64, 12), torch.randn(20, 12), torch.randn(20)
+    key = ('forward',) + cpu_ops._key(x, w, True)
+    cpu_ops._choices[key] = 'compiled'
+    monkeypatch.setattr(cpu_ops, '_compiled_available', lambda rows, weight: False)
+    with cpu_ops.using_linear_backend('auto'), torch.no_grad():
+        out = cpu_ops.linear(x, w, b)
+    assert cpu_ops._choices[key] in ('blas', 'onednn')
+    assert torch.allclose(out, F.linear(x, w, b), atol=1e-6)

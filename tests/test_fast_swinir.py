@@ -320,9 +320,10 @@ def test_training_gradients_match_basicsr_tightly(cfg_name, size, batch, attenti
         spied = fast_arch._WindowAttentionFunction
     original = spied.apply
     monkeypatch.setattr(spied, 'apply', lambda *args: calls.append(1) or original(*args))
-    norms = []
-    original_norm = cpu_kernels._LayerNorm.apply
+    norms, mlps = [], []
+    original_norm, original_mlp = cpu_kernels._LayerNorm.apply, cpu_kernels._MlpGelu.apply
     monkeypatch.setattr(cpu_kernels._LayerNorm, 'apply', lambda *args: norms.append(1) or original_norm(*args))
+    monkeypatch.setattr(cpu_kernels._MlpGelu, 'apply', lambda *args: mlps.append(1) or original_mlp(*args))
     x = torch.rand(batch, 3, *size)
     target = torch.rand(batch, 3, size[0] * cfg['upscale'], size[1] * cfg['upscale'])
     grads_in = []
@@ -333,6 +334,7 @@ def test_training_gradients_match_basicsr_tightly(cfg_name, size, batch, attenti
     assert len(calls) == sum(cfg['depths'])  # every block took the fast training path
     # LayerNorm: two per block, the patch embedding's and the final one, in the kernel where it is enabled
     assert len(norms) == (2 * sum(cfg['depths']) + 2 if cpu_kernels.enabled() else 0)
+    assert len(mlps) == (sum(cfg['depths']) if cpu_kernels.enabled() else 0)  # the MLPs with their fused GELU
     assert _max_diff(grads_in[0], grads_in[1]) < 1e-5 * grads_in[0].abs().max().item()
     ref_params = dict(ref.named_parameters())
     tables = 0

@@ -1,6 +1,8 @@
 // CPU kernels of FastSwinIR, fp32, registered as torch operators (namespace dtkd_cpu):
 //   window_attention_forward / window_attention_backward: fused window attention (window_attention_kernels.h);
 //   layer_norm_forward / layer_norm_backward: LayerNorm over the last dimension (token_kernels.h);
+//   linear_rows, linear_gelu / linear_gelu_backward: fully connected layers, and the first layer of an MLP with
+//   its GELU (gemm_kernels.h);
 //   winograd_f2_input / winograd_f2_output: the transforms of a Winograd F(2x2, 3x3) convolution
 //   (winograd_kernels.h), whose products dtkd_arch/cpu_kernels.py runs as one batched GEMM.
 // Built on first use by dtkd_arch/cpu_kernels.py (torch.utils.cpp_extension, -O3 -march=native).
@@ -217,31 +219,75 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
 }
 
 
-// ---- Fully connected layers over token rows: out (m, n) = x (m, k) weight (n, k)^T + bias ----
+// ---- Fully connected layers over token rows, and a first MLP layer with its GELU (gemm_kernels.h) ----
+//   linear_rows(x (m, k), weight (n, k), bias) -> x weight^T + bias
+//   linear_gelu(x, weight, bias, keep) -> (h, gelu(h)) with h = x weight^T + bias (GELU, exact form); h is empty
+//     unless keep (the backward needs it)
+//   linear_gelu_backward(g (m, k), weight (n, k), h (m, n)) -> (g weight^T) * gelu'(h)
+
+struct Packed {
+  std::vector<float> data;
+  const float* panels;
+  const float* bias;
+};
+
+Packed pack_weight(const at::Tensor& x, const at::Tensor& weight, const float* bias, const char* what) {
+  check_rows(x, what);
+  check_rows(weight, what);
+  TORCH_CHECK(weight.size(1) == x.size(1), "dtkd_cpu ", what, ": weight ", weight.sizes(), " does not match ",
+              x.size(1), " input features");
+  const int64_t n = weight.size(0), k = weight.size(1), np = dtkd_gemm::panels(n);
+  Packed p;
+  p.data.resize(np * k * dtkd_gemm::kPanel + np * dtkd_gemm::kPanel);
+  float* bp = p.data.data();
+  float* bias_p = bp + np * k * dtkd_gemm::kPanel;
+  dtkd_gemm::pack(weight.const_data_ptr<float>(), bias, n, k, bp, bias_p);
+  p.panels = bp;
+  p.bias = bias_p;
+  return p;
+}
+
+template <typename Epilogue>
+void run_rows(const at::Tensor& x, const at::Tensor& weight, const Packed& p, const Epilogue& epilogue) {
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  const float* xp = x.const_data_ptr<float>();
+  const int64_t chunks = (m + dtkd_gemm::kTaskRows - 1) / dtkd_gemm::kTaskRows;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    dtkd_gemm::rows(xp, k, p.panels, p.bias, n, k, begin * dtkd_gemm::kTaskRows,
+                    std::min(m, end * dtkd_gemm::kTaskRows), epilogue);
+  });
+}
 
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  check_rows(x, "linear_rows");
-  check_rows(weight, "linear_rows weight");
-  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  TORCH_CHECK(weight.size(1) == k, "dtkd_cpu linear_rows: weight ", weight.sizes(), " does not match ", k,
-              " input features");
-  const float* b = optional_vector(bias, n, "linear_rows bias");
-  at::Tensor out = at::empty({m, n}, x.options());
-  const int64_t np = dtkd_gemm::panels(n);
-  std::vector<float> packed(np * k * dtkd_gemm::kPanel + np * dtkd_gemm::kPanel);
-  float* bp = packed.data();
-  float* bias_p = bp + np * k * dtkd_gemm::kPanel;
-  dtkd_gemm::pack(weight.const_data_ptr<float>(), b, n, k, bp, bias_p);
-  const float* xp = x.const_data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t chunks = (m + dtkd_gemm::kChunkRows - 1) / dtkd_gemm::kChunkRows;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    dtkd_gemm::rows(xp, k, bp, bias_p, n, k, op, n, begin * dtkd_gemm::kChunkRows,
-                    std::min(m, end * dtkd_gemm::kChunkRows));
-  });
+  const Packed p = pack_weight(x, weight, optional_vector(bias, weight.size(0), "linear_rows bias"), "linear_rows");
+  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+  run_rows(x, weight, p, dtkd_gemm::StoreProducts{out.data_ptr<float>(), weight.size(0)});
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> linear_gelu(const at::Tensor& x, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias, bool keep_pre_activation) {
+  const Packed p = pack_weight(x, weight, optional_vector(bias, weight.size(0), "linear_gelu bias"), "linear_gelu");
+  const int64_t n = weight.size(0);
+  at::Tensor a = at::empty({x.size(0), n}, x.options());
+  if (!keep_pre_activation) {
+    run_rows(x, weight, p, dtkd_gemm::StoreGeluOnly{a.data_ptr<float>(), n});
+    return {at::empty({0}, x.options()), a};
+  }
+  at::Tensor h = at::empty_like(a);
+  run_rows(x, weight, p, dtkd_gemm::StoreGelu{h.data_ptr<float>(), a.data_ptr<float>(), n});
+  return {h, a};
+}
+
+at::Tensor linear_gelu_backward(const at::Tensor& g, const at::Tensor& weight, const at::Tensor& h) {
+  const Packed p = pack_weight(g, weight, nullptr, "linear_gelu_backward");
+  check_rows(h, "linear_gelu_backward h");
+  TORCH_CHECK(h.size(0) == g.size(0) && h.size(1) == weight.size(0), "dtkd_cpu linear_gelu_backward: h ", h.sizes(),
+              " does not match (", g.size(0), ", ", weight.size(0), ")");
+  at::Tensor dh = at::empty_like(h);
+  run_rows(g, weight, p, dtkd_gemm::StoreGeluGradient{h.const_data_ptr<float>(), dh.data_ptr<float>(), h.size(1)});
+  return dh;
+}
 
 // ---- Winograd F(2x2, 3x3) transforms, one image and a block of tile rows at a time ----
 //   x    (N, C, H, W)        input, contiguous float32
@@ -313,6 +359,8 @@ TORCH_LIBRARY(dtkd_cpu, m) {
   m.def("layer_norm_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, bool weight_grad, "
         "bool bias_grad) -> (Tensor, Tensor, Tensor)");
   m.def("linear_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_gelu(Tensor x, Tensor weight, Tensor? bias, bool keep_pre_activation) -> (Tensor, Tensor)");
+  m.def("linear_gelu_backward(Tensor grad, Tensor weight, Tensor h) -> Tensor");
   m.def("winograd_f2_input(Tensor x, int image, int row0, int rows, Tensor(a!) v) -> ()");
   m.def("winograd_f2_output(Tensor m, Tensor? bias, int image, int row0, int rows, Tensor(a!) out) -> ()");
 }
@@ -323,6 +371,8 @@ TORCH_LIBRARY_IMPL(dtkd_cpu, CPU, m) {
   m.impl("window_attention_forward", &window_attention_forward);
   m.impl("window_attention_backward", &window_attention_backward);
   m.impl("linear_rows", &linear_rows);
+  m.impl("linear_gelu", &linear_gelu);
+  m.impl("linear_gelu_backward", &linear_gelu_backward);
   m.impl("winograd_f2_input", &winograd_f2_input);
   m.impl("winograd_f2_output", &winograd_f2_output);
 }
