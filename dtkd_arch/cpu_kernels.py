@@ -285,13 +285,11 @@ class _MlpGelu(torch.autograd.Function):
         x, h, a, w1, w2 = ctx.saved_tensors
         (has_b1, has_b2), need = ctx.has_bias, ctx.needs_input_grad
         grad = grad.contiguous()
-        gw2 = cpu_ops.linear_pass('grad_weight', a, w2, has_b2, grad, a, w2) if need[3] else None
-        gb2 = grad.sum(0) if has_b2 and need[4] else None
+        gw2, gb2 = cpu_ops.weight_and_bias_grads(a, w2, has_b2, grad, need[3], has_b2 and need[4])
         gx = gw1 = gb1 = None
         if need[0] or need[1] or need[2]:
             dh = torch.ops.dtkd_cpu.linear_gelu_backward(grad, w2.t().contiguous(), h)
-            gw1 = cpu_ops.linear_pass('grad_weight', x, w1, has_b1, dh, x, w1) if need[1] else None
-            gb1 = dh.sum(0) if has_b1 and need[2] else None
+            gw1, gb1 = cpu_ops.weight_and_bias_grads(x, w1, has_b1, dh, need[1], has_b1 and need[2])
             gx = cpu_ops.linear_pass('grad_input', x, w1, has_b1, dh, w1) if need[0] else None
         return gx, gw1, gb1, gw2, gb2
 

@@ -15,7 +15,8 @@ official wheels). Which library is faster depends on the CPU and on the pass, an
 
 So by default (``'auto'``) each pass of each layer shape is measured once per process, the way
 cuDNN's benchmark mode picks convolution algorithms: the first time a (pass, dtype, row count
-rounded up to a power of two, input and output features, bias, threads) combination runs, every
+rounded up to a power of two, input and output features, bias, threads, compiled kernels on or
+off) combination runs, every
 candidate runs once untimed and then ``_TRIALS`` times, interleaved, on the real data, and the
 fastest (by its best time) is kept for the rest of the process; it then runs once more for the result,
 so that measuring holds no more memory than a plain call. The passes and their candidates:
@@ -102,9 +103,12 @@ def using_linear_backend(name):
 
 
 def linear_choices():
-    """What the 'auto' backend picked so far: {(pass, dtype, rows, in, out, bias, threads): 'blas' | 'onednn'}.
+    """What the 'auto' backend picked so far: {(pass, dtype, rows, in, out, bias, threads, compiled): 'blas' |
+    'onednn' | 'compiled'}.
 
-    pass is 'forward', 'grad_input' or 'grad_weight'; rows is the row count rounded up to a power of two."""
+    pass is 'forward', 'grad_input' or 'grad_weight'; rows is the row count rounded up to a power of two;
+    compiled whether the compiled product was a candidate. The 3x3 convolutions of ``dtkd_arch.cpu_kernels``
+    tuned as 'tuned' are listed here too, under the pass 'conv3x3'."""
     return dict(_choices)
 
 
@@ -184,8 +188,9 @@ def _compiled_linear(rows, weight, bias):
     return torch.ops.dtkd_cpu.linear_rows(rows, weight, bias)
 
 
-# 'compiled': dtkd_arch.cpu_kernels' matrix product (csrc/gemm_kernels.h), a candidate where it is built and the
-# rows are fp32 (``_candidates``); there is no compiled weight gradient (MKL's is the faster of the libraries).
+# 'compiled': dtkd_arch.cpu_kernels' matrix product (csrc/gemm_kernels.h), a candidate where it is built, the rows
+# are fp32 and the weight is small (``_candidates``). No compiled weight gradient: a kernel of the same design
+# (2 x 6 x 16 register blocks over chunks of 128 rows) was no faster than MKL's g^T x for these layers on Zen 3.
 _FORWARD = {'blas': F.linear, 'onednn': _conv_linear, 'compiled': _compiled_linear}
 _GRAD_INPUT = {'blas': lambda g, w: torch.mm(g, w),
                'onednn': lambda g, w: _conv_linear(g, w.t().contiguous(), None),
@@ -251,6 +256,13 @@ def linear_pass(name, rows, weight, has_bias, *args):
     return _tuned_pass(name, rows, weight, has_bias, *args)
 
 
+def weight_and_bias_grads(rows, weight, has_bias, grad, need_weight, need_bias):
+    """(gradient of the weight or None, gradient of the bias or None) of the fully connected layer with forward
+    input ``rows`` (T, in), ``weight`` (out, in) and output gradient ``grad`` (T, out), in the backend's kernels."""
+    grad_weight = linear_pass('grad_weight', rows, weight, has_bias, grad, rows, weight) if need_weight else None
+    return grad_weight, (grad.sum(0) if need_bias else None)
+
+
 def _tuned_pass(name, rows, weight, has_bias, *args):
     """``_tuned`` for one pass of the layer with forward input ``rows`` and ``weight``, among the candidates that
     can run it."""
@@ -258,8 +270,11 @@ def _tuned_pass(name, rows, weight, has_bias, *args):
 
 
 def _key(rows, weight, has_bias):
+    """Tuning key of a layer: dtype, row count rounded up to a power of two, features, bias, threads, and whether
+    the compiled kernels are candidates (so that a choice made with them switched off does not stick)."""
     bucket = 1 << max(0, (rows.shape[0] - 1).bit_length())
-    return (rows.dtype, bucket, weight.shape[1], weight.shape[0], has_bias, torch.get_num_threads())
+    return (rows.dtype, bucket, weight.shape[1], weight.shape[0], has_bias, torch.get_num_threads(),
+            _compiled_available(rows, weight))
 
 
 class _TunedLinear(torch.autograd.Function):
@@ -276,13 +291,11 @@ class _TunedLinear(torch.autograd.Function):
     def backward(ctx, grad):
         rows, weight = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_rows = grad_weight = grad_bias = None
+        grad_rows = None
         if ctx.needs_input_grad[0]:
             grad_rows = _tuned_pass('grad_input', rows, weight, ctx.has_bias, grad, weight)
-        if ctx.needs_input_grad[1]:
-            grad_weight = _tuned_pass('grad_weight', rows, weight, ctx.has_bias, grad, rows, weight)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(0)
+        grad_weight, grad_bias = weight_and_bias_grads(rows, weight, ctx.has_bias, grad, ctx.needs_input_grad[1],
+                                                       ctx.has_bias and ctx.needs_input_grad[2])
         return grad_rows, grad_weight, grad_bias
 
 

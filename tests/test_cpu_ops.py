@@ -108,8 +108,9 @@ def test_tuner_measures_once_and_keeps_the_fastest(monkeypatch):
         assert calls['slow'] == 2 + 2 * cpu_ops._TRIALS
     assert torch.equal(first, second) and torch.equal(first, F.linear(x, w))
     choices = cpu_ops.linear_choices()
-    assert choices == {('forward', torch.float32, 16, 4, 3, False, torch.get_num_threads()): 'fast',
-                       ('forward', torch.float32, 64, 4, 3, False, torch.get_num_threads()): 'fast'}
+    compiled = cpu_ops._compiled_available(x, w)
+    assert choices == {('forward', torch.float32, 16, 4, 3, False, torch.get_num_threads(), compiled): 'fast',
+                       ('forward', torch.float32, 64, 4, 3, False, torch.get_num_threads(), compiled): 'fast'}
 
 
 def test_linear_bf16_and_backend_switch(monkeypatch):
@@ -234,12 +235,16 @@ def test_bf16_users_are_warned_where_they_set_it(monkeypatch, tmp_path):
 
 @needs_onednn
 def test_a_choice_that_is_no_longer_available_is_measured_again(monkeypatch):
-    """A shape tuned to the compiled product, then run with the compiled kernels switched off, is measured again
-    among the libraries instead of failing."""
+    """A choice that is not among the candidates any more (a kernel table changed since) is measured again instead
+    of failing; and switching the compiled kernels off changes the tuning key."""
+    from dtkd_arch import cpu_kernels
     x, w, b = torch.randn(64, 12), torch.randn(20, 12), torch.randn(20)
     key = ('forward',) + cpu_ops._key(x, w, True)
+    with cpu_kernels.using_kernels(False):
+        assert cpu_ops._key(x, w, True) != key[1:]
     cpu_ops._choices[key] = 'compiled'
-    monkeypatch.setattr(cpu_ops, '_compiled_available', lambda rows, weight: False)
+    monkeypatch.setattr(cpu_ops, '_candidates', lambda table, rows, weight: {
+        name: fn for name, fn in table.items() if name != 'compiled'})
     with cpu_ops.using_linear_backend('auto'), torch.no_grad():
         out = cpu_ops.linear(x, w, b)
     assert cpu_ops._choices[key] in ('blas', 'onednn')
