@@ -1,7 +1,8 @@
 """The CPU kernels behind DTKD's speed choices, timed side by side on this machine.
 
 1. Fully connected layers: for each layer shape and pass (forward, input gradient, weight gradient),
-   the BLAS library (MKL in torch's wheels) against oneDNN, the two candidates between which
+   the BLAS library (MKL in torch's wheels), oneDNN and, for the forward and the input gradient,
+   the compiled product of ``dtkd_arch.cpu_kernels``: the candidates between which
    ``dtkd_arch.cpu_ops`` picks per shape; with the pick of its default ('auto') backend.
 2. 3x3 convolutions (stride 1, padding 1, fp32, batch 1): oneDNN's direct algorithm against the
    Winograd F(2x2, 3x3) convolution of ``dtkd_arch.cpu_kernels``, with each one's largest error
@@ -62,7 +63,8 @@ def pair(form, count=2):
 
 
 def linear_table(rows, layers, repeats):
-    """Markdown rows: layer, pass, BLAS ms, oneDNN ms, BLAS / oneDNN, and what the tuner picks."""
+    """Markdown rows: layer, pass, BLAS ms, oneDNN ms, compiled ms ('-' where it is no candidate), BLAS / oneDNN,
+    and what the tuner picks."""
     out = []
     cpu_ops.reset_linear_choices()
     for cin, cout in layers:
@@ -77,8 +79,10 @@ def linear_table(rows, layers, repeats):
         key = cpu_ops._key(x, w, True)
         picks = {p: cpu_ops.linear_choices().get((p,) + key, '-') for p, _ in PASSES}
         for name, candidates in PASSES:
+            candidates = cpu_ops._candidates(candidates, x, w)
             med = medians({c: (lambda fn=fn, a=args[name]: fn(*a)) for c, fn in candidates.items()}, repeats)
-            out.append([f'{cin} -> {cout}', name, f'{med["blas"] * 1e3:.2f}', f'{med["onednn"] * 1e3:.2f}',
+            compiled = f'{med["compiled"] * 1e3:.2f}' if 'compiled' in med else '-'
+            out.append([f'{cin} -> {cout}', name, f'{med["blas"] * 1e3:.2f}', f'{med["onednn"] * 1e3:.2f}', compiled,
                         f'{med["blas"] / med["onednn"]:.2f}', picks[name]])
     return out
 
@@ -162,7 +166,7 @@ def main(argv=None):
     print(f'Machine: {machine_description(torch.device("cpu"))}; bf16 instructions (AVX512-BF16, AMX or Arm BF16): '
           f'{cpu_ops.cpu_supports_bf16()}\n')
     print(f'### Fully connected layers, {args.rows} rows, fp32 (median ms of {args.repeats})\n')
-    print(markdown_table(['layer', 'pass', 'BLAS', 'oneDNN', 'BLAS / oneDNN', 'auto picks'],
+    print(markdown_table(['layer', 'pass', 'BLAS', 'oneDNN', 'compiled', 'BLAS / oneDNN', 'auto picks'],
                          linear_table(args.rows, args.layers, args.repeats)))
     if cpu_kernels.available():
         print(f'\n### 3x3 convolutions, fp32: oneDNN direct against Winograd F(2x2, 3x3) (median ms of '
