@@ -12,7 +12,7 @@ import dtkd_compat  # noqa: F401, I001  (must precede basicsr)
 import pytest
 import torch
 
-from dtkd_arch import cpu_kernels
+from dtkd_arch import cpu_kernels, cpu_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -349,5 +349,7 @@ def test_mlp_gelu_supports_only_what_it_computes():
     assert not cpu_kernels.supports_mlp(x, w.double(), w.t())
     assert not cpu_kernels.supports_mlp(x[:0], w, w.t())
     assert not cpu_kernels.supports_mlp(x.view(2, 4, 4), w, w.t())
+    big = torch.empty(cpu_ops._COMPILED_MAX_WEIGHT + 1, 1)  # larger than the compiled product takes
+    assert not cpu_kernels.supports_mlp(torch.randn(3, 1), big, big.t())
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert not cpu_kernels.supports_mlp(x, w, w.t())
