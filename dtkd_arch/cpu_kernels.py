@@ -1,5 +1,5 @@
-"""Compiled CPU kernels (C++), built on first use: fused window attention and LayerNorm for FastSwinIR,
-and Winograd 3x3 convolutions for the ResShift teacher.
+"""Compiled CPU kernels (C++), built on first use: fused window attention, LayerNorm, fully connected products
+and the MLP with its GELU for FastSwinIR, and Winograd 3x3 convolutions for the ResShift teacher.
 
 ``window_attention(qkv, masks_t, pattern, heads, scale)`` computes ``softmax(q k^T scale + mask) v``
 for every window and head of FastSwinIR's window-ordered token stream in one pass per (window,
@@ -12,6 +12,11 @@ intermediate tensor; ``scripts/benchmark_student.py`` prints the speed with and 
 
 ``layer_norm(x, weight, bias, eps)`` is the LayerNorm of FastSwinIR's (tokens, channels) streams
 with its backward, one pass over each row per direction.
+
+``mlp_gelu(x, w1, b1, w2, b2)`` is a transformer block's MLP, ``fc2(GELU(fc1(x)))``, with fc1's GELU (and
+in the backward its derivative) applied in the epilogue of the compiled matrix product
+(``csrc/gemm_kernels.h``); the same product, ``torch.ops.dtkd_cpu.linear_rows``, is one of the
+candidates :mod:`dtkd_arch.cpu_ops` times per layer shape for fully connected layers.
 
 :class:`Conv2d` is ``nn.Conv2d`` (same parameters and state-dict keys) whose 3x3 convolutions with
 stride 1 and padding 1 can run as Winograd F(2x2, 3x3) convolutions on fp32 CPU tensors: the
@@ -262,9 +267,9 @@ def layer_norm(x, weight, bias, eps):
 def supports_mlp(x, *weights):
     """Whether :func:`mlp_gelu` handles ``x`` (rows, C) and the layers' ``weights``: fp32 CPU tensors, no
     autocast, not under ``torch.compile``, kernels built, weights small enough for the compiled product (at most
-    ``cpu_ops._COMPILED_MAX_WEIGHT`` elements: it keeps a whole weight in L2)."""
+    ``cpu_ops.COMPILED_MAX_WEIGHT`` elements: it keeps a whole weight in L2)."""
     return (supports_tokens(x) and x.dim() == 2 and x.shape[0] > 0 and not torch.is_autocast_enabled('cpu')
-            and all(w.device.type == 'cpu' and w.dtype == torch.float32 and w.numel() <= cpu_ops._COMPILED_MAX_WEIGHT
+            and all(w.device.type == 'cpu' and w.dtype == torch.float32 and w.numel() <= cpu_ops.COMPILED_MAX_WEIGHT
                     for w in weights))
 
 

@@ -198,11 +198,11 @@ _GRAD_INPUT = {'blas': lambda g, w: torch.mm(g, w),
 _GRAD_WEIGHT = {'blas': lambda g, x, w: torch.mm(g.t(), x), 'onednn': _conv_weight_grad}
 
 
-_COMPILED_MAX_WEIGHT = 1 << 17  # weight elements (512 KiB): the compiled product keeps the whole weight in L2
+COMPILED_MAX_WEIGHT = 1 << 17  # weight elements (512 KiB): the compiled product keeps the whole weight in L2
 
 
 def _compiled_available(rows, weight):
-    if rows.dtype != torch.float32 or weight.numel() > _COMPILED_MAX_WEIGHT:
+    if rows.dtype != torch.float32 or weight.numel() > COMPILED_MAX_WEIGHT:
         return False
     from dtkd_arch import cpu_kernels  # imports this module: a top-level import would be circular
     return cpu_kernels.available()

@@ -349,7 +349,7 @@ def test_mlp_gelu_supports_only_what_it_computes():
     assert not cpu_kernels.supports_mlp(x, w.double(), w.t())
     assert not cpu_kernels.supports_mlp(x[:0], w, w.t())
     assert not cpu_kernels.supports_mlp(x.view(2, 4, 4), w, w.t())
-    big = torch.empty(cpu_ops._COMPILED_MAX_WEIGHT + 1, 1)  # larger than the compiled product takes
+    big = torch.empty(cpu_ops.COMPILED_MAX_WEIGHT + 1, 1)  # larger than the compiled product takes
     assert not cpu_kernels.supports_mlp(torch.randn(3, 1), big, big.t())
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert not cpu_kernels.supports_mlp(x, w, w.t())
