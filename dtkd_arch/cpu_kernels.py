@@ -265,12 +265,12 @@ def layer_norm(x, weight, bias, eps):
 # ---- The MLP of a transformer block: fc2(GELU(fc1(x))) ----
 
 def supports_mlp(x, *weights):
-    """Whether :func:`mlp_gelu` handles ``x`` (rows, C) and the layers' ``weights``: fp32 CPU tensors, no
-    autocast, not under ``torch.compile``, kernels built, weights small enough for the compiled product (at most
-    ``cpu_ops.COMPILED_MAX_WEIGHT`` elements: it keeps a whole weight in L2)."""
+    """Whether :func:`mlp_gelu` handles ``x`` (rows, C) and the layers' ``weights``: fp32 CPU tensors (contiguous
+    weights), no autocast, not under ``torch.compile``, kernels built, weights small enough for the compiled
+    product (at most ``cpu_ops.COMPILED_MAX_WEIGHT`` elements: it keeps a whole weight in L2)."""
     return (supports_tokens(x) and x.dim() == 2 and x.shape[0] > 0 and not torch.is_autocast_enabled('cpu')
-            and all(w.device.type == 'cpu' and w.dtype == torch.float32 and w.numel() <= cpu_ops.COMPILED_MAX_WEIGHT
-                    for w in weights))
+            and all(w.device.type == 'cpu' and w.dtype == torch.float32 and w.is_contiguous()
+                    and w.numel() <= cpu_ops.COMPILED_MAX_WEIGHT for w in weights))
 
 
 class _MlpGelu(torch.autograd.Function):

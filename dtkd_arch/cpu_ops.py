@@ -185,7 +185,7 @@ def _conv_weight_grad(grad, rows, weight):
 
 
 def _compiled_linear(rows, weight, bias):
-    return torch.ops.dtkd_cpu.linear_rows(rows, weight, bias)
+    return torch.ops.dtkd_cpu.linear_rows(rows, weight.contiguous(), None if bias is None else bias.contiguous())
 
 
 # 'compiled': dtkd_arch.cpu_kernels' matrix product (csrc/gemm_kernels.h), a candidate where it is built, the rows

@@ -344,12 +344,14 @@ def test_mlp_gelu_matches_float64_reference(need):
 
 def test_mlp_gelu_supports_only_what_it_computes():
     x, w = torch.randn(8, 4), torch.randn(6, 4)
-    assert cpu_kernels.supports_mlp(x, w, w.t())
-    assert not cpu_kernels.supports_mlp(x.double(), w, w.t())
-    assert not cpu_kernels.supports_mlp(x, w.double(), w.t())
-    assert not cpu_kernels.supports_mlp(x[:0], w, w.t())
-    assert not cpu_kernels.supports_mlp(x.view(2, 4, 4), w, w.t())
+    w2 = w.t().contiguous()
+    assert cpu_kernels.supports_mlp(x, w, w2)
+    assert not cpu_kernels.supports_mlp(x.double(), w, w2)
+    assert not cpu_kernels.supports_mlp(x, w.double(), w2)
+    assert not cpu_kernels.supports_mlp(x[:0], w, w2)
+    assert not cpu_kernels.supports_mlp(x.view(2, 4, 4), w, w2)
+    assert not cpu_kernels.supports_mlp(x, w2.t(), w2)  # a transposed view
     big = torch.empty(cpu_ops.COMPILED_MAX_WEIGHT + 1, 1)  # larger than the compiled product takes
     assert not cpu_kernels.supports_mlp(torch.randn(3, 1), big, big.t())
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert not cpu_kernels.supports_mlp(x, w, w.t())
+        assert not cpu_kernels.supports_mlp(x, w, w2)

@@ -249,3 +249,12 @@ def test_a_choice_that_is_no_longer_available_is_measured_again(monkeypatch):
         out = cpu_ops.linear(x, w, b)
     assert cpu_ops._choices[key] in ('blas', 'onednn')
     assert torch.allclose(out, F.linear(x, w, b), atol=1e-6)
+
+
+def test_compiled_product_takes_weights_that_are_views():
+    """The compiled candidate copies a non-contiguous weight (a transposed view, say) instead of failing."""
+    x, w, b = torch.randn(30, 12), torch.randn(12, 20).t(), torch.randn(40)[::2]
+    cpu_ops._choices[('forward',) + cpu_ops._key(x, w, True)] = 'compiled'
+    with cpu_ops.using_linear_backend('auto'), torch.no_grad():
+        out = cpu_ops.linear(x, w, b)
+    assert torch.allclose(out, F.linear(x, w, b), atol=1e-5)
