@@ -2,8 +2,8 @@
 and the MLP with its GELU for FastSwinIR, and Winograd 3x3 convolutions for the ResShift teacher.
 
 ``window_attention(qkv, masks_t, pattern, heads, scale)`` computes ``softmax(q k^T scale + mask) v``
-for every window and head of FastSwinIR's window-ordered token stream in one pass per (window,
-head) that stays in a core's L1 cache (``dtkd_arch/csrc/cpu_kernels.cpp`` explains the layout),
+for every window and head of FastSwinIR's window-ordered token stream in one pass per window, head
+after head, that stays in a core's L1/L2 cache (``dtkd_arch/csrc/cpu_kernels.cpp`` explains the layout),
 with autograd: the backward recomputes the probabilities from a per-query maximum and normaliser
 kept by the forward (as flash attention does) and also returns the gradient of the additive masks,
 hence of the relative position bias tables. Compared with the PyTorch composition it replaces

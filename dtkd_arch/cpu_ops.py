@@ -208,9 +208,9 @@ def _compiled_available(rows, weight):
     return cpu_kernels.available()
 
 
-def _candidates(table, rows, weight):
-    """The kernels of ``table`` that can run on ``rows`` (T, in) for ``weight`` (out, in)."""
-    if 'compiled' in table and not _compiled_available(rows, weight):
+def _candidates(table, compiled):
+    """The kernels of ``table``, without the compiled one unless ``compiled`` (``_compiled_available``)."""
+    if 'compiled' in table and not compiled:
         return {name: fn for name, fn in table.items() if name != 'compiled'}
     return table
 
@@ -266,7 +266,8 @@ def weight_and_bias_grads(rows, weight, has_bias, grad, need_weight, need_bias):
 def _tuned_pass(name, rows, weight, has_bias, *args):
     """``_tuned`` for one pass of the layer with forward input ``rows`` and ``weight``, among the candidates that
     can run it."""
-    return _tuned(name, _key(rows, weight, has_bias), _candidates(_table(name), rows, weight), *args)
+    key = _key(rows, weight, has_bias)
+    return _tuned(name, key, _candidates(_table(name), compiled=key[-1]), *args)
 
 
 def _key(rows, weight, has_bias):

@@ -79,7 +79,7 @@ def linear_table(rows, layers, repeats):
         key = cpu_ops._key(x, w, True)
         picks = {p: cpu_ops.linear_choices().get((p,) + key, '-') for p, _ in PASSES}
         for name, candidates in PASSES:
-            candidates = cpu_ops._candidates(candidates, x, w)
+            candidates = cpu_ops._candidates(candidates, cpu_ops._compiled_available(x, w))
             med = medians({c: (lambda fn=fn, a=args[name]: fn(*a)) for c, fn in candidates.items()}, repeats)
             compiled = f'{med["compiled"] * 1e3:.2f}' if 'compiled' in med else '-'
             out.append([f'{cin} -> {cout}', name, f'{med["blas"] * 1e3:.2f}', f'{med["onednn"] * 1e3:.2f}', compiled,

@@ -243,7 +243,7 @@ def test_a_choice_that_is_no_longer_available_is_measured_again(monkeypatch):
     with cpu_kernels.using_kernels(False):
         assert cpu_ops._key(x, w, True) != key[1:]
     cpu_ops._choices[key] = 'compiled'
-    monkeypatch.setattr(cpu_ops, '_candidates', lambda table, rows, weight: {
+    monkeypatch.setattr(cpu_ops, '_candidates', lambda table, compiled: {
         name: fn for name, fn in table.items() if name != 'compiled'})
     with cpu_ops.using_linear_backend('auto'), torch.no_grad():
         out = cpu_ops.linear(x, w, b)

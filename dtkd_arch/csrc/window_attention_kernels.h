@@ -1,5 +1,5 @@
-// Window attention kernels for one (window, head) pair, fp32, without any dependency on torch: included by
-// window_attention.cpp (the torch operators) and usable on their own. See window_attention.cpp for the layout.
+// Window attention kernels for one window (all its heads), fp32, without any dependency on torch: included by
+// cpu_kernels.cpp (the torch operators) and usable on their own. See cpu_kernels.cpp for the layout.
 #pragma once
 
 #include <algorithm>
