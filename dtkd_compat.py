@@ -1,5 +1,5 @@
 """Make basicsr 1.4.2 importable with current torchvision; share package auto-discovery, the
-user-error type and atomic file writes.
+user-error types and atomic file writes.
 
 Every DTKD package imports this module before anything from ``basicsr``.
 
@@ -74,5 +74,13 @@ def atomic_write(path, data, fsync=True, tmp_prefix='.', tmp_suffix=None):
 
 
 class OptionError(ValueError):
-    """Invalid user input (an option, a file, an image). The message names the offending key,
-    file or image; the command-line entry points print it as one line, without a traceback."""
+    """The base of every user error: invalid input (an option, a file, an image, a checkpoint).
+
+    The message names the offending key, file or image and says what was expected; every
+    command-line entry point prints it as one line, without a traceback, and exits with status 2.
+    """
+
+
+class MissingFileError(OptionError, FileNotFoundError):
+    """A file the user must bring (weights, data, an option file) is absent; the message names the
+    file, the option that points at it and where to get it."""

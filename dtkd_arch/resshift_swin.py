@@ -21,9 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtkd_arch import cpu_kernels
-from dtkd_arch.cpu_ops import Linear, linear
-
 # Additive mask value the reference implementation uses between tokens of different shifted regions.
 _MASK_VALUE = -100.0
 
@@ -73,7 +70,7 @@ def shift_window_mask(height, width, window_size, shift_size):
 
 def _linear_1x1(x, conv):
     """Apply a 1x1 ``nn.Conv2d`` to a channels-last tensor (..., C_in) as a matrix product."""
-    return linear(x, conv.weight.flatten(1), conv.bias)
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
 
 
 def _group_norm_channels_last(x, norm):
@@ -99,22 +96,9 @@ class WindowAttention(nn.Module):
         self.scale = (dim // num_heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         self.register_buffer('relative_position_index', relative_position_index(window_size))
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-
-    def _transposed_bias(self, attn_bias):
-        """attn_bias with each (N, N) block transposed, as the compiled kernel reads it; cached while the
-        (non-differentiable) bias tensor is unchanged."""
-        if attn_bias.requires_grad:
-            return attn_bias.transpose(-2, -1)
-        # (the bias tensor itself, its version, transposed copy); tensors made under inference_mode have no
-        # version counter (the block's bias cache never edits its tensors in place)
-        version = -1 if attn_bias.is_inference() else attn_bias._version
-        cached = getattr(self, '_bias_t', None)
-        if cached is None or cached[0] is not attn_bias or cached[1] != version:
-            cached = self._bias_t = (attn_bias, version, attn_bias.transpose(-2, -1).contiguous())
-        return cached[2]
 
     def position_bias(self):
         """Relative position bias, (heads, N, N)."""
@@ -134,13 +118,7 @@ class WindowAttention(nn.Module):
         """
         b, n_win, n, c = x.shape
         heads, head_dim = self.num_heads, c // self.num_heads
-        qkv = self.qkv(x)
-        rows = qkv.view(-1, 3 * c)
-        if cpu_kernels.supports(rows, n, heads):  # fp32 on the CPU: the fused kernel, window w gets bias w
-            pattern = torch.arange(n_win, device=x.device).repeat(b)
-            out = cpu_kernels.window_attention(rows, self._transposed_bias(attn_bias), pattern, heads, self.scale)
-            return self.proj(out.view(b, n_win, n, c))
-        qkv = qkv.view(b, n_win, n, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5)
+        qkv = self.qkv(x).view(b, n_win, n, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5)
         q = (qkv[0] * self.scale).reshape(-1, n, head_dim)
         k = qkv[1].reshape(-1, n, head_dim)
         v = qkv[2].reshape(-1, n, head_dim)

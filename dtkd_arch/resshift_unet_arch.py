@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
-from dtkd_arch.cpu_kernels import Conv2d
 from dtkd_arch.resshift_swin import SwinStage
 
 
@@ -53,7 +52,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.channels = channels
         if use_conv:
-            self.conv = Conv2d(channels, out_channels or channels, 3, padding=1)
+            self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
         elif out_channels not in (None, channels):
             raise ValueError('Upsample without convolution cannot change the channel count')
         self.use_conv = use_conv
@@ -70,7 +69,7 @@ class Downsample(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         if use_conv:
-            self.op = Conv2d(channels, out_channels, 3, stride=2, padding=1)
+            self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
         elif out_channels != channels:
             raise ValueError('Downsample without convolution cannot change the channel count')
         else:
@@ -96,7 +95,7 @@ class ResBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_layers = nn.Sequential(_norm(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
@@ -107,13 +106,13 @@ class ResBlock(nn.Module):
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
         self.out_layers = nn.Sequential(
-            _norm(out_channels), nn.SiLU(), nn.Dropout(p=dropout), Conv2d(out_channels, out_channels, 3, padding=1))
+            _norm(out_channels), nn.SiLU(), nn.Dropout(p=dropout), nn.Conv2d(out_channels, out_channels, 3, padding=1))
         nn.init.zeros_(self.out_layers[3].weight)
         nn.init.zeros_(self.out_layers[3].bias)
         if out_channels == channels:
             self.skip_connection = nn.Identity()
         else:
-            self.skip_connection = Conv2d(channels, out_channels, 1)
+            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb):
         """x: (B, C, H, W); emb: (B, E) -> (B, C_out, H', W')."""
@@ -236,7 +235,7 @@ class ResShiftUNet(nn.Module):
                                  'of two')
             layers, base = [], 16
             for _ in range(n_down):
-                layers += [Conv2d(cond_chn, base, 3, 1, 1), nn.SiLU(), Downsample(base, True, base * 2)]
+                layers += [nn.Conv2d(cond_chn, base, 3, 1, 1), nn.SiLU(), Downsample(base, True, base * 2)]
                 base *= 2
                 cond_chn = base
             self.feature_extractor = nn.Sequential(*layers)
@@ -250,7 +249,7 @@ class ResShiftUNet(nn.Module):
                              patch_norm=patch_norm)
 
         ch = input_ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.ModuleList([TimestepSequential(Conv2d(in_channels + cond_chn, ch, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(in_channels + cond_chn, ch, 3, padding=1))])
         skip_chans = [ch]
         side = image_size
         for level, mult in enumerate(channel_mult):
@@ -281,7 +280,7 @@ class ResShiftUNet(nn.Module):
                     side *= 2
                 self.output_blocks.append(TimestepSequential(*layers))
 
-        self.out = nn.Sequential(_norm(ch), nn.SiLU(), Conv2d(input_ch, out_channels, 3, padding=1))
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(input_ch, out_channels, 3, padding=1))
 
     def forward(self, x, timesteps, lq=None, mask=None):
         """Predict the output latent.

@@ -10,9 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtkd_arch.cpu_kernels import Conv2d
-from dtkd_arch.cpu_ops import linear
-
 
 def _norm(channels):
     return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
@@ -25,12 +22,12 @@ class ResnetBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or in_channels
         self.norm1 = _norm(in_channels)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = _norm(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = Conv2d(in_channels, out_channels, 1)
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
         else:
             self.nin_shortcut = None
 
@@ -48,10 +45,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels):
         super().__init__()
         self.norm = _norm(channels)
-        self.q = Conv2d(channels, channels, 1)
-        self.k = Conv2d(channels, channels, 1)
-        self.v = Conv2d(channels, channels, 1)
-        self.proj_out = Conv2d(channels, channels, 1)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -59,9 +56,9 @@ class AttnBlock(nn.Module):
         # One matrix product for q, k and v instead of three 1x1 convolutions.
         weight = torch.cat([self.q.weight, self.k.weight, self.v.weight]).flatten(1)
         bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        q, k, v = linear(tokens, weight, bias).chunk(3, dim=-1)
+        q, k, v = F.linear(tokens, weight, bias).chunk(3, dim=-1)
         out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C), as the reference
-        out = linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -72,7 +69,7 @@ class Downsample(nn.Module):
         super().__init__()
         self.with_conv = with_conv
         if with_conv:
-            self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
+            self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x):
         if self.with_conv:
@@ -87,7 +84,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.with_conv = with_conv
         if with_conv:
-            self.conv = Conv2d(channels, channels, 3, padding=1)
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         x = F.interpolate(x, scale_factor=2.0, mode='nearest')
@@ -109,7 +106,7 @@ class Encoder(nn.Module):
                  double_z=True, dropout=0.0, resamp_with_conv=True):
         super().__init__()
         self.num_res_blocks = _per_level(num_res_blocks, ch_mult)
-        self.conv_in = Conv2d(in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         res = resolution
         block_in = ch
@@ -132,7 +129,7 @@ class Encoder(nn.Module):
         self.mid.attn_1 = AttnBlock(block_in)
         self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
         self.norm_out = _norm(block_in)
-        self.conv_out = Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -158,7 +155,7 @@ class Decoder(nn.Module):
         self.tanh_out = tanh_out
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
-        self.conv_in = Conv2d(z_channels, block_in, 3, padding=1)
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
         self.mid.attn_1 = AttnBlock(block_in)
@@ -181,7 +178,7 @@ class Decoder(nn.Module):
         # Indexed by level (0 = full resolution), as in the reference checkpoints.
         self.up = nn.ModuleList(stages)
         self.norm_out = _norm(block_in)
-        self.conv_out = Conv2d(block_in, out_ch, 3, padding=1)
+        self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z):
         h = self.conv_in(z)

@@ -38,6 +38,9 @@ import numpy as np
 from dtkd_compat import OptionError
 from dtkd_data.lmdb_tools import IMG_EXTENSIONS, LmdbFormatError, listing, read_meta_info
 
+# Data-set types whose folders or LMDBs the checks understand (GT / LQ / teacher roots).
+PAIRED_DATASETS = ('PairedTeacherDataset', 'PairedImageDataset')
+
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 PNG_END = b'\x00\x00\x00\x00IEND\xaeB`\x82'
 HEAD_BYTES = 1 << 16
@@ -501,7 +504,6 @@ def check_datasets(opt, mode='quick', out=None):
     """
     import sys
 
-    from dtkd_model.launch import PAIRED_DATASETS
 
     out = sys.stdout if out is None else out
     counts, problems = {}, []

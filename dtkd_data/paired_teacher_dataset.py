@@ -34,10 +34,6 @@ from dtkd_data.lmdb_tools import IMG_EXTENSIONS, LmdbFormatError, image_hw, list
 MAX_LISTED = 10
 
 
-class DatasetOptionError(OptionError):
-    """A dataset option is missing or invalid; the message names the option key."""
-
-
 class TeacherDataError(OptionError):
     """Teacher images are missing or do not have the GT's size."""
 
@@ -105,22 +101,22 @@ class PairedTeacherDataset(data.Dataset):
         opt = self.opt
         io_opt = opt.get('io_backend')
         if not isinstance(io_opt, dict) or 'type' not in io_opt:
-            raise DatasetOptionError(f"{self._key('io_backend')}: expected a dict with 'type' (disk or lmdb), "
+            raise OptionError(f"{self._key('io_backend')}: expected a dict with 'type' (disk or lmdb), "
                                      f'got {io_opt!r}.')
         backend = io_opt['type']
         if backend not in ('disk', 'lmdb'):
-            raise DatasetOptionError(f"{self._key('io_backend.type')}: expected 'disk' or 'lmdb', got {backend!r}.")
+            raise OptionError(f"{self._key('io_backend.type')}: expected 'disk' or 'lmdb', got {backend!r}.")
         for name in ('dataroot_gt', 'dataroot_lq', 'dataroot_teacher'):
             if name not in opt or opt[name] is None:
                 if name == 'dataroot_teacher':
                     continue
-                raise DatasetOptionError(f'{self._key(name)} is required (a folder or .lmdb folder).')
+                raise OptionError(f'{self._key(name)} is required (a folder or .lmdb folder).')
             path = opt[name]
             if not isinstance(path, str):
-                raise DatasetOptionError(f'{self._key(name)}: expected a path string, got {path!r}.')
+                raise OptionError(f'{self._key(name)}: expected a path string, got {path!r}.')
             if backend == 'lmdb':
                 if not path.rstrip('/').endswith('.lmdb'):
-                    raise DatasetOptionError(f'{self._key(name)}: io_backend type is lmdb, so the path must end '
+                    raise OptionError(f'{self._key(name)}: io_backend type is lmdb, so the path must end '
                                              f'with ".lmdb", got {path}.')
                 if not osp.isdir(path):
                     raise FileNotFoundError(f'{self._key(name)}: LMDB folder {path} does not exist.')
@@ -134,26 +130,26 @@ class PairedTeacherDataset(data.Dataset):
             raise FileNotFoundError(f"{self._key('meta_info_file')}: file {meta} does not exist.")
         tmpl = opt.get('filename_tmpl', '{}')
         if not isinstance(tmpl, str) or '{}' not in tmpl:
-            raise DatasetOptionError(f"{self._key('filename_tmpl')}: expected a template containing '{{}}', "
+            raise OptionError(f"{self._key('filename_tmpl')}: expected a template containing '{{}}', "
                                      f'got {tmpl!r}.')
         scale = opt.get('scale')
         if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
-            raise DatasetOptionError(f"{self._key('scale')}: expected a positive integer, got {scale!r}.")
+            raise OptionError(f"{self._key('scale')}: expected a positive integer, got {scale!r}.")
         if opt.get('phase') == 'train':
             gt_size = opt.get('gt_size')
             if not isinstance(gt_size, int) or isinstance(gt_size, bool) or gt_size < 1:
-                raise DatasetOptionError(f"{self._key('gt_size')}: expected a positive integer for training, "
+                raise OptionError(f"{self._key('gt_size')}: expected a positive integer for training, "
                                          f'got {gt_size!r}.')
             if gt_size % scale != 0:
-                raise DatasetOptionError(f"{self._key('gt_size')}: {gt_size} is not divisible by scale {scale}.")
+                raise OptionError(f"{self._key('gt_size')}: {gt_size} is not divisible by scale {scale}.")
         color = opt.get('color')
         if color not in (None, 'y', 'rgb'):
-            raise DatasetOptionError(f"{self._key('color')}: expected 'y' or none, got {color!r}.")
+            raise OptionError(f"{self._key('color')}: expected 'y' or none, got {color!r}.")
         channels = 1 if color == 'y' else 3
         for name in ('mean', 'std'):
             value = opt.get(name)
             if value is not None and (not isinstance(value, (list, tuple)) or len(value) != channels):
-                raise DatasetOptionError(f'{self._key(name)}: expected a list of {channels} numbers, got {value!r}.')
+                raise OptionError(f'{self._key(name)}: expected a list of {channels} numbers, got {value!r}.')
 
     def _paths_from_folders(self):
         """``paired_paths_from_folder`` without its asserts: same order, errors naming missing LQ files."""
@@ -180,7 +176,7 @@ class PairedTeacherDataset(data.Dataset):
         only_gt = sorted(set(gt_sizes) - set(lq_sizes))
         only_lq = sorted(set(lq_sizes) - set(gt_sizes))
         if only_gt or only_lq:
-            raise DatasetOptionError(f"{self._key('dataroot_lq')} ({self.lq_folder}) and {self._key('dataroot_gt')} "
+            raise OptionError(f"{self._key('dataroot_lq')} ({self.lq_folder}) and {self._key('dataroot_gt')} "
                                      f'({self.gt_folder}) hold different keys: only in GT: {_listing(only_gt)}; '
                                      f'only in LQ: {_listing(only_lq)}')
         if self.opt.get('phase') == 'train':
@@ -189,7 +185,7 @@ class PairedTeacherDataset(data.Dataset):
                    if gt_sizes[k][:2] != (lq_sizes[k][0] * scale, lq_sizes[k][1] * scale)
                    or min(gt_sizes[k][:2]) < gt_size]
             if bad:
-                raise DatasetOptionError(f"{self._key('dataroot_gt')}: {len(bad)} GT image(s) are not {scale}x their "
+                raise OptionError(f"{self._key('dataroot_gt')}: {len(bad)} GT image(s) are not {scale}x their "
                                          f"LQ image or are smaller than {self._key('gt_size')}={gt_size}: "
                                          f'{_listing(bad)}')
         return [{'lq_path': key, 'gt_path': key} for key in sorted(lq_sizes)]

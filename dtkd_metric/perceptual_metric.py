@@ -34,20 +34,17 @@ import torch
 from basicsr.metrics.metric_util import reorder_image
 from basicsr.utils.registry import METRIC_REGISTRY
 
+from dtkd_compat import OptionError
 from dtkd_metric.weights import (
     ALEXNET,
     LPIPS_ALEX,
     MUSIQ_KONIQ,
-    MissingWeightsError,
+    MissingFileError,
     describe_missing_file,
     weight_path,
 )
 
 _NETWORKS = {}
-
-
-class WeightsLoadError(RuntimeError):
-    """A weight file exists but does not hold what the metric needs."""
 
 
 def _default_device(device=None):
@@ -57,10 +54,10 @@ def _default_device(device=None):
 
 
 def _require_files(metric_name, files):
-    """Raise MissingWeightsError before building anything. ``files``: [(WeightFile, path, from_option)]."""
+    """Raise MissingFileError before building anything. ``files``: [(WeightFile, path, from_option)]."""
     problems = [describe_missing_file(metric_name, w, p, o) for w, p, o in files if not os.path.isfile(p)]
     if problems:
-        raise MissingWeightsError(problems)
+        raise MissingFileError(problems)
 
 
 def _load_state_dict(path, what):
@@ -69,7 +66,7 @@ def _load_state_dict(path, what):
     pyiqa 0.1.16 itself reads its checkpoints with ``torch.load(weights_only=False)``, which runs
     whatever a pickle names. Here the file is read with ``weights_only=True`` (tensors, containers
     and plain numpy arrays, through :func:`dtkd_arch.checkpoint.safe_torch_load`); a file that names
-    anything else is refused (``WeightsLoadError``) and nothing from it runs. There is no fallback
+    anything else is refused (``OptionError``) and nothing from it runs. There is no fallback
     to full unpickling.
     """
     from dtkd_arch.checkpoint import CheckpointFormatError, safe_torch_load
@@ -77,14 +74,14 @@ def _load_state_dict(path, what):
     try:
         state = safe_torch_load(path, what=what)
     except CheckpointFormatError as error:  # pickled code, corrupt or truncated file
-        raise WeightsLoadError(f'Could not read {what} from {path}: {error}') from None
+        raise OptionError(f'Could not read {what} from {path}: {error}') from None
     if isinstance(state, dict):
         for key in ('params_ema', 'params', 'state_dict'):
             if key in state and isinstance(state[key], dict):
                 state = state[key]
                 break
     if not isinstance(state, dict):
-        raise WeightsLoadError(f'{path} does not hold a state dict ({what}); got {type(state).__name__}')
+        raise OptionError(f'{path} does not hold a state dict ({what}); got {type(state).__name__}')
     return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
 
 
@@ -154,7 +151,7 @@ class LPIPSMetric:
             with _torchvision_sees(ALEXNET, self.backbone_path):
                 net = LPIPS(pretrained=False, net='alex', version='0.1')
         except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
-            raise WeightsLoadError(f'Could not load the AlexNet backbone from {self.backbone_path}: {error}') from None
+            raise OptionError(f'Could not load the AlexNet backbone from {self.backbone_path}: {error}') from None
         state = _load_state_dict(self.weights_path, LPIPS_ALEX.what)
         result = net.load_state_dict(state, strict=False)
         # The LPIPS file holds only the linear layers; the backbone and the fixed scaling come from elsewhere.
@@ -163,7 +160,7 @@ class LPIPSMetric:
         missing = [k for k in result.missing_keys if not k.startswith(('net.', 'scaling_layer.'))
                    and re.sub(r'^lins\.(\d+)\.', r'lin\1.', k) not in loaded]
         if missing or result.unexpected_keys:
-            raise WeightsLoadError(f'{self.weights_path} is not an LPIPS v0.1 AlexNet linear-layer file: '
+            raise OptionError(f'{self.weights_path} is not an LPIPS v0.1 AlexNet linear-layer file: '
                                    f'missing keys {missing}, unexpected keys {result.unexpected_keys}')
         self.net = net.to(self.device).eval()
 
@@ -200,7 +197,7 @@ class MUSIQMetric:
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as error:
-            raise WeightsLoadError(f'{self.weights_path} is not a MUSIQ KonIQ checkpoint: {error}') from None
+            raise OptionError(f'{self.weights_path} is not a MUSIQ KonIQ checkpoint: {error}') from None
         self.net = net.to(self.device).eval()
 
     @torch.inference_mode()

@@ -22,6 +22,8 @@ import copy
 import os
 from dataclasses import dataclass
 
+from dtkd_compat import MissingFileError, OptionError
+
 FETCH_SCRIPT = 'scripts/fetch_metric_weights.py'
 
 
@@ -94,29 +96,6 @@ METRIC_WEIGHTS = {
 LOWER_IS_BETTER = ('calculate_lpips', 'calculate_niqe')
 
 
-class MissingWeightsError(FileNotFoundError):
-    """Pretrained weights of a configured metric are not on disk.
-
-    ``str(error)`` is the complete message for the user; ``error.problems`` lists one line per
-    missing file.
-    """
-
-    def __init__(self, problems):
-        self.problems = list(problems)
-        super().__init__(missing_weights_message(self.problems))
-
-    def __str__(self):
-        return missing_weights_message(self.problems)
-
-
-class MetricOptionError(KeyError):
-    """A ``val.metrics`` entry is malformed (no ``type``, unknown type, wrong value)."""
-
-    def __str__(self):
-        # KeyError would quote the message; show it as written.
-        return str(self.args[0]) if self.args else ''
-
-
 def torch_hub_dir():
     """``torch.hub.get_dir()``, read at call time so ``TORCH_HOME`` set later still counts."""
     import torch
@@ -180,22 +159,22 @@ def _validate_metrics_opt(metrics_opt):
     if metrics_opt is None:
         return {}
     if not isinstance(metrics_opt, dict):
-        raise MetricOptionError('val.metrics must be a mapping of metric name to options, '
+        raise OptionError('val.metrics must be a mapping of metric name to options, '
                                 f'got {type(metrics_opt).__name__}')
     from basicsr.utils.registry import METRIC_REGISTRY
 
     for name, opt in metrics_opt.items():
         if not isinstance(opt, dict) or 'type' not in opt:
-            raise MetricOptionError(f'val.metrics.{name} needs a "type" key (e.g. type: calculate_psnr)')
+            raise OptionError(f'val.metrics.{name} needs a "type" key (e.g. type: calculate_psnr)')
         if opt['type'] not in METRIC_REGISTRY:
             known = ', '.join(sorted(k for k, _ in METRIC_REGISTRY))
-            raise MetricOptionError(f'val.metrics.{name}.type: unknown metric "{opt["type"]}"; registered: {known}')
+            raise OptionError(f'val.metrics.{name}.type: unknown metric "{opt["type"]}"; registered: {known}')
         optional = opt.get('optional', False)
         if not isinstance(optional, bool):
-            raise MetricOptionError(f'val.metrics.{name}.optional must be true or false, got {optional!r}')
+            raise OptionError(f'val.metrics.{name}.optional must be true or false, got {optional!r}')
         better = opt.get('better', 'higher')
         if better not in ('higher', 'lower'):
-            raise MetricOptionError(f'val.metrics.{name}.better must be "higher" or "lower", got {better!r}')
+            raise OptionError(f'val.metrics.{name}.better must be "higher" or "lower", got {better!r}')
     return metrics_opt
 
 
@@ -213,8 +192,8 @@ def resolve_metrics(metrics_opt):
         message per skipped metric.
 
     Raises:
-        MissingWeightsError: a metric that is not optional has missing weights (all of them listed).
-        MetricOptionError: an entry has no or an unknown ``type``, or a bad ``optional`` / ``better``.
+        MissingFileError: a metric that is not optional has missing weights (all of them listed).
+        OptionError: an entry has no or an unknown ``type``, or a bad ``optional`` / ``better``.
     """
     metrics_opt = _validate_metrics_opt(metrics_opt)
     runnable, warnings, problems = {}, [], []
@@ -230,7 +209,7 @@ def resolve_metrics(metrics_opt):
         else:
             problems.extend(missing)
     if problems:
-        raise MissingWeightsError(problems)
+        raise MissingFileError(problems)
     return runnable, warnings
 
 
@@ -241,7 +220,7 @@ def check_metric_weights(metrics_opt, raise_error=True):
 
     Args:
         metrics_opt: ``opt['val']['metrics']`` or None.
-        raise_error: raise :class:`MissingWeightsError` when something is missing (default);
+        raise_error: raise :class:`MissingFileError` when something is missing (default);
             with False, return the problems instead.
 
     Returns:
@@ -253,5 +232,5 @@ def check_metric_weights(metrics_opt, raise_error=True):
         if not opt.get('optional', False):
             problems.extend(metric_weight_problems(name, opt))
     if problems and raise_error:
-        raise MissingWeightsError(problems)
+        raise MissingFileError(problems)
     return problems

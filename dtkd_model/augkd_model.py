@@ -49,10 +49,10 @@ import torch
 from basicsr.utils.matlab_functions import imresize
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from dtkd_arch.tiling import forward_padded
 from dtkd_compat import OptionError
 from dtkd_model.dtkd_model import DTKDModel
-from dtkd_model.launch import unknown_key_error
-from dtkd_model.tiling import forward_padded
+from dtkd_utils.options import unknown_key_error
 
 INVERTIBLE_OPS = ('invert', 'flip_lr', 'flip_ud', 'transpose')
 LABEL_SOURCES = ('auto', 'online', 'cached')
@@ -65,10 +65,6 @@ AUGKD_DEFAULTS = {
     'consistency': {'prob': 0.3, 'ops': list(INVERTIBLE_OPS)},
     'crop_size': None,
 }
-
-
-class AugKDOptionError(OptionError):
-    """A ``train.augkd_opt`` option is missing or invalid; the message names the key."""
 
 
 # ---------------------------------------------------------------------- augmentations
@@ -170,16 +166,16 @@ class AugKDModel(DTKDModel):
     def init_training_settings(self):
         super().init_training_settings()
         if self.cri_kd is None:
-            raise AugKDOptionError('train.kd_opt: AugKDModel distils from a teacher; set a KD loss (AugKD: L1Loss)')
+            raise OptionError('train.kd_opt: AugKDModel distils from a teacher; set a KD loss (AugKD: L1Loss)')
         self.augkd = self._parse_augkd(self.opt['train'].get('augkd_opt'))
         source = self.augkd['label_source']
         if source == 'auto':
             source = 'online' if self.online_teacher is not None else 'cached'
         if source == 'online' and self.online_teacher is None:
-            raise AugKDOptionError("train.augkd_opt.label_source: 'online' needs a teacher block "
+            raise OptionError("train.augkd_opt.label_source: 'online' needs a teacher block "
                                    '(teacher.opt: the teacher option file)')
         if source == 'cached' and self.augkd['zoom_out_weight'] > 0:
-            raise AugKDOptionError('train.augkd_opt.zoom_out_weight: the zoom-out label T(down(LR)) cannot be derived '
+            raise OptionError('train.augkd_opt.zoom_out_weight: the zoom-out label T(down(LR)) cannot be derived '
                                    "from cached teacher outputs; use label_source: online (teacher block) or set it 0")
         self.label_source = source
 
@@ -187,39 +183,39 @@ class AugKDModel(DTKDModel):
     def _parse_augkd(opt):
         opt = {} if opt is None else opt
         if not isinstance(opt, dict):
-            raise AugKDOptionError('train.augkd_opt: expected a mapping')
+            raise OptionError('train.augkd_opt: expected a mapping')
         unknown = sorted(set(opt) - set(AUGKD_DEFAULTS))
         if unknown:
-            raise AugKDOptionError(str(unknown_key_error(unknown[0], AUGKD_DEFAULTS, 'train.augkd_opt')))
+            raise OptionError(str(unknown_key_error(unknown[0], AUGKD_DEFAULTS, 'train.augkd_opt')))
         out = {**AUGKD_DEFAULTS, **opt}
         if out['label_source'] not in LABEL_SOURCES:
-            raise AugKDOptionError(f"train.augkd_opt.label_source: expected one of {LABEL_SOURCES}, "
+            raise OptionError(f"train.augkd_opt.label_source: expected one of {LABEL_SOURCES}, "
                                    f"got {out['label_source']!r}")
         for key in ('zoom_in_weight', 'zoom_out_weight', 'zoom_out_pix_weight'):
             v = out[key]
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-                raise AugKDOptionError(f'train.augkd_opt.{key}: expected a number >= 0, got {v!r}')
+                raise OptionError(f'train.augkd_opt.{key}: expected a number >= 0, got {v!r}')
         n = out['n_zoom_in']
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise AugKDOptionError(f'train.augkd_opt.n_zoom_in: expected an integer >= 1, got {n!r}')
+            raise OptionError(f'train.augkd_opt.n_zoom_in: expected an integer >= 1, got {n!r}')
         cons = out['consistency']
         if cons is not None:
             if not isinstance(cons, dict):
-                raise AugKDOptionError('train.augkd_opt.consistency: expected {prob: <0..1>, ops: [...]} or ~')
+                raise OptionError('train.augkd_opt.consistency: expected {prob: <0..1>, ops: [...]} or ~')
             for key in cons:
                 if key not in ('prob', 'ops'):
-                    raise AugKDOptionError(str(unknown_key_error(key, ('prob', 'ops'), 'train.augkd_opt.consistency')))
+                    raise OptionError(str(unknown_key_error(key, ('prob', 'ops'), 'train.augkd_opt.consistency')))
             prob = cons.get('prob', 0.3)
             ops = list(cons.get('ops', INVERTIBLE_OPS))
             if not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
-                raise AugKDOptionError(f'train.augkd_opt.consistency.prob: expected a number in [0, 1], got {prob!r}')
+                raise OptionError(f'train.augkd_opt.consistency.prob: expected a number in [0, 1], got {prob!r}')
             bad = [op for op in ops if op not in INVERTIBLE_OPS]
             if bad:
-                raise AugKDOptionError(f'train.augkd_opt.consistency.ops: unknown {bad} (known: {INVERTIBLE_OPS})')
+                raise OptionError(f'train.augkd_opt.consistency.ops: unknown {bad} (known: {INVERTIBLE_OPS})')
             out['consistency'] = {'prob': float(prob), 'ops': ops}
         crop = out['crop_size']
         if crop is not None and (not isinstance(crop, int) or crop < 1):
-            raise AugKDOptionError(f'train.augkd_opt.crop_size: expected a positive integer (LR pixels), got {crop!r}')
+            raise OptionError(f'train.augkd_opt.crop_size: expected a positive integer (LR pixels), got {crop!r}')
         return out
 
     # ------------------------------------------------------------------ pieces
@@ -260,7 +256,7 @@ class AugKDModel(DTKDModel):
         teacher = self.get_teacher_output()
         size = self.augkd['crop_size'] or max(min(h, w) // 2, 1)
         if size > min(h, w):
-            raise AugKDOptionError(f"train.augkd_opt.crop_size: {size} exceeds the LR patch {(h, w)}")
+            raise OptionError(f"train.augkd_opt.crop_size: {size} exceeds the LR patch {(h, w)}")
         top = int(torch.randint(0, h - size + 1, (1,)))
         left = int(torch.randint(0, w - size + 1, (1,)))
         return aligned_crop(self.lq, teacher, scale, top, left, size)
@@ -301,5 +297,5 @@ class AugKDModel(DTKDModel):
             self.model_ema(decay=self.ema_decay)
 
 
-__all__ = ['AugKDModel', 'AugKDOptionError', 'apply_invertible', 'invert_invertible', 'draw_flags', 'zoom_in_tiles',
+__all__ = ['AugKDModel', 'OptionError', 'apply_invertible', 'invert_invertible', 'draw_flags', 'zoom_in_tiles',
            'zoom_out_inputs', 'aligned_crop', 'INVERTIBLE_OPS', 'AUGKD_DEFAULTS']

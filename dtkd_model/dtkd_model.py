@@ -30,11 +30,11 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from dtkd_arch.tiling import forward_padded, tiled_forward
+from dtkd_compat import OptionError
 from dtkd_loss.dwt_kd_loss import band_group_discrepancy
 from dtkd_model.kd_schedule import KDWeightSchedule
-from dtkd_model.launch import OptionError
 from dtkd_model.safe_training import SafeTrainingMixin, atomic_imwrite, max_nonfinite_steps
-from dtkd_model.tiling import forward_padded, tiled_forward
 
 
 @MODEL_REGISTRY.register()
@@ -96,7 +96,7 @@ class DTKDModel(SafeTrainingMixin, SRModel):
         self.log_freq = int(self.opt.get('logger', {}).get('print_freq', 100))
 
     def _build_online_teacher(self, teacher_opt):
-        from dtkd_model.resshift_teacher import ResShiftTeacher
+        from dtkd_teacher.teacher import ResShiftTeacher
 
         if not isinstance(teacher_opt, dict) or 'opt' not in teacher_opt:
             raise OptionError('teacher.opt: expected the path of a teacher option file, '

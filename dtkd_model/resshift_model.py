@@ -21,7 +21,7 @@ Options (besides BasicSR's usual ``datasets``, ``train``, ``val``, ``logger``, `
 - ``network_g``: ``type: ResShiftUNet`` plus the official ``model.params``;
 - ``autoencoder``: ``{type: VQAutoencoder, ckpt: <path>, <official autoencoder.params>}``, or ``~``
   for pixel space (the key is required so that pixel space is never chosen by omission);
-- ``diffusion``: the official ``diffusion.params`` (``dtkd_model.resshift_diffusion``);
+- ``diffusion``: the official ``diffusion.params`` (``dtkd_teacher.diffusion``);
 - ``path.pretrain_network_g``: fine-tune from a checkpoint; the released ``resshift_realsrx4_s15_v1.pth``
   (a bare state dict) loads as well as BasicSR's ``{'params': ..., 'params_ema': ...}`` files;
 - ``train.optim_g.type``: ``Adam`` or ``AdamW`` (the official trainer uses AdamW);
@@ -31,7 +31,7 @@ Options (besides BasicSR's usual ``datasets``, ``train``, ``val``, ``logger``, `
   drawn from a generator with this seed, default 0, so the metrics of different iterations are
   comparable), ``pad_multiple`` (LR pixels; default the smallest multiple the networks accept),
   ``chop_size`` / ``chop_stride`` (as the teacher sampler). Samples come from
-  :class:`dtkd_model.resshift_teacher.ResShiftTeacher`, the sampler the trained model is later used with.
+  :class:`dtkd_teacher.teacher.ResShiftTeacher`, the sampler the trained model is later used with.
 
 The saved ``net_g_<iter>.pth`` (``params`` and, with EMA, ``params_ema``) is a teacher checkpoint:
 ``unet.ckpt`` of a teacher option file loads it (its loader prefers ``params_ema``). A pixel-space
@@ -56,14 +56,10 @@ from dtkd_arch.checkpoint import (
 )
 from dtkd_compat import OptionError
 from dtkd_model.dtkd_model import DTKDModel
-from dtkd_model.resshift_diffusion import DiffusionOptionError, ResShiftDiffusion
 from dtkd_model.safe_training import SafeTrainingMixin, max_nonfinite_steps
+from dtkd_teacher.diffusion import ResShiftDiffusion
 
 OPTIMIZERS = {'Adam': torch.optim.Adam, 'AdamW': torch.optim.AdamW}
-
-
-class ResShiftOptionError(OptionError):
-    """A ResShiftModel option is missing or invalid; the message names the key."""
 
 
 def load_network_state(path, param_key='params'):
@@ -109,25 +105,25 @@ class ResShiftModel(SafeTrainingMixin, SRModel):
     @staticmethod
     def _check_options(opt):
         if 'diffusion' not in opt or not isinstance(opt['diffusion'], dict):
-            raise ResShiftOptionError('diffusion: required block with the official diffusion.params '
+            raise OptionError('diffusion: required block with the official diffusion.params '
                                       '(schedule_name, steps, kappa, ...; see options/teacher/resshift_realsr_x4.yml)')
         try:
             ResShiftDiffusion.from_options(opt['diffusion'])
-        except DiffusionOptionError as err:
-            raise ResShiftOptionError(str(err)) from None
+        except OptionError as err:
+            raise OptionError(str(err)) from None
         sf = opt['diffusion'].get('sf', 4)
         if 'scale' in opt and opt['scale'] != sf:
-            raise ResShiftOptionError(f"diffusion.sf ({sf}) must equal scale ({opt['scale']})")
+            raise OptionError(f"diffusion.sf ({sf}) must equal scale ({opt['scale']})")
         if 'autoencoder' not in opt:
-            raise ResShiftOptionError('autoencoder: required: a VQAutoencoder block with ckpt (latent space, as the '
+            raise OptionError('autoencoder: required: a VQAutoencoder block with ckpt (latent space, as the '
                                       'released models) or ~ for pixel space')
         net = opt.get('network_g') or {}
         if net.get('type') != 'ResShiftUNet':
-            raise ResShiftOptionError(f"network_g.type: ResShiftModel trains a ResShiftUNet, got {net.get('type')!r}")
+            raise OptionError(f"network_g.type: ResShiftModel trains a ResShiftUNet, got {net.get('type')!r}")
         if not net.get('cond_lq', True):
-            raise ResShiftOptionError('network_g.cond_lq: must be true (every ResShift SR model is LR-conditioned)')
+            raise OptionError('network_g.cond_lq: must be true (every ResShift SR model is LR-conditioned)')
         if opt['autoencoder'] is None and net.get('lq_size', 256) != net.get('image_size'):
-            raise ResShiftOptionError(
+            raise OptionError(
                 f"network_g.lq_size: in pixel space (autoencoder: ~) the network is conditioned on the up-sampled LR "
                 f"image, so lq_size must equal image_size ({net.get('image_size')}), got {net.get('lq_size', 256)}")
         train = opt.get('train') or {}
@@ -135,14 +131,14 @@ class ResShiftModel(SafeTrainingMixin, SRModel):
             max_nonfinite_steps(train)
         optim = train.get('optim_g') or {}
         if opt.get('is_train') and optim.get('type') not in OPTIMIZERS:
-            raise ResShiftOptionError(f"train.optim_g.type: expected one of {sorted(OPTIMIZERS)}, "
+            raise OptionError(f"train.optim_g.type: expected one of {sorted(OPTIMIZERS)}, "
                                       f"got {optim.get('type')!r}")
         gt_size = ((opt.get('datasets') or {}).get('train') or {}).get('gt_size')
         if opt.get('is_train') and gt_size is not None:
             down = _autoencoder_downscale(opt['autoencoder'])
             mult = _unet_multiple(net)
             if gt_size % down or (gt_size // down) % mult:
-                raise ResShiftOptionError(
+                raise OptionError(
                     f'datasets.train.gt_size: {gt_size} gives a {gt_size / down:g}-pixel network input, which must be '
                     f'a multiple of {mult} (window_size * 2^(len(channel_mult) - 1)); the autoencoder divides by '
                     f'{down}')
@@ -152,32 +148,32 @@ class ResShiftModel(SafeTrainingMixin, SRModel):
         if block is None:
             return None
         if not isinstance(block, dict):
-            raise ResShiftOptionError('autoencoder: expected a mapping {type: VQAutoencoder, ckpt: ..., ...} or ~')
+            raise OptionError('autoencoder: expected a mapping {type: VQAutoencoder, ckpt: ..., ...} or ~')
         params = dict(block)
         arch = params.pop('type', None)
         ckpt = params.pop('ckpt', None)
         if not arch:
-            raise ResShiftOptionError('autoencoder.type: required (VQAutoencoder)')
+            raise OptionError('autoencoder.type: required (VQAutoencoder)')
         try:
             cls = ARCH_REGISTRY.get(arch)
         except KeyError:
-            raise ResShiftOptionError(f'autoencoder.type: no architecture named {arch!r} is registered') from None
+            raise OptionError(f'autoencoder.type: no architecture named {arch!r} is registered') from None
         needs_ckpt = getattr(cls, 'needs_checkpoint', True)
         if not ckpt and needs_ckpt:
-            raise ResShiftOptionError('autoencoder.ckpt: required: the frozen first stage the latents are defined by '
+            raise OptionError('autoencoder.ckpt: required: the frozen first stage the latents are defined by '
                                       '(the released file is autoencoder_vq_f4.pth, ResShift release v2.0)')
         try:
             ae = cls(**params)
         except (TypeError, KeyError, ValueError) as err:
-            raise ResShiftOptionError(f'autoencoder: options do not fit {arch}: {err}') from None
+            raise OptionError(f'autoencoder: options do not fit {arch}: {err}') from None
         if not needs_ckpt and not ckpt:  # a first stage without weights (SpaceToDepthAutoencoder)
             return ae.eval().to(device)
         try:
             load_pretrained(ae, ckpt, strict=True, what='ResShift autoencoder', option_key='autoencoder.ckpt')
         except FileNotFoundError as err:
-            raise ResShiftOptionError(str(err)) from None
+            raise OptionError(str(err)) from None
         except (CheckpointMismatchError, CheckpointFormatError) as err:
-            raise ResShiftOptionError(str(err)) from None
+            raise OptionError(str(err)) from None
         ae.eval().requires_grad_(False)
         return ae.to(device)
 
@@ -200,13 +196,13 @@ class ResShiftModel(SafeTrainingMixin, SRModel):
                 if items:
                     more = ' ...' if len(items) > 8 else ''
                     lines.append(f'  {len(items)} {title}: ' + ', '.join(items[:8]) + more)
-            raise ResShiftOptionError('\n'.join(lines))
+            raise OptionError('\n'.join(lines))
         get_root_logger().info(f'Loading {type(net).__name__} model from {load_path}, with param key: [{key}].')
         net.load_state_dict(state, strict=strict)
 
     def get_optimizer(self, optim_type, params, lr, **kwargs):
         if optim_type not in OPTIMIZERS:
-            raise ResShiftOptionError(f'train.optim_g.type: expected one of {sorted(OPTIMIZERS)}, got {optim_type!r}')
+            raise OptionError(f'train.optim_g.type: expected one of {sorted(OPTIMIZERS)}, got {optim_type!r}')
         return OPTIMIZERS[optim_type](params, lr, **kwargs)
 
     def init_training_settings(self):
@@ -293,9 +289,9 @@ class ResShiftModel(SafeTrainingMixin, SRModel):
         """Super-resolve ``lq`` (B, 3, h, w) in [0, 1] with the ResShift sampler; returns (B, 3, sf*h, sf*w) in [0, 1].
 
         Uses ``net`` (default: the EMA network if any, else ``net_g``) inside
-        :class:`~dtkd_model.resshift_teacher.ResShiftTeacher` with ``val.steps`` steps.
+        :class:`~dtkd_teacher.teacher.ResShiftTeacher` with ``val.steps`` steps.
         """
-        from dtkd_model.resshift_teacher import SAMPLER_DEFAULTS, ResShiftTeacher
+        from dtkd_teacher.teacher import SAMPLER_DEFAULTS, ResShiftTeacher
 
         if net is None:
             net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
@@ -351,4 +347,4 @@ def _unet_multiple(net_opt):
     return window * 2 ** (levels - 1)
 
 
-__all__ = ['ResShiftModel', 'ResShiftOptionError', 'load_network_state', 'OPTIMIZERS']
+__all__ = ['ResShiftModel', 'OptionError', 'load_network_state', 'OPTIMIZERS']

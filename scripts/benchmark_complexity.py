@@ -28,10 +28,7 @@ import dtkd_model  # noqa: E402,F401  (makes basicsr importable)
 # isort: split
 import torch  # noqa: E402
 from basicsr.utils.registry import ARCH_REGISTRY  # noqa: E402
-
-import dtkd_arch  # noqa: E402,F401  (registers the project's architectures)
-from dtkd_compat import OptionError  # noqa: E402
-from dtkd_model.benchmarking import (  # noqa: E402
+from benchmark_common import (  # noqa: E402
     add_teacher_run_arguments,
     autocast,
     count_flops,
@@ -41,7 +38,10 @@ from dtkd_model.benchmarking import (  # noqa: E402
     prepare_teacher_run,
     teacher_flops,
 )
-from dtkd_model.launch import load_yaml  # noqa: E402
+
+import dtkd_arch  # noqa: E402,F401  (registers the project's architectures)
+from dtkd_compat import OptionError  # noqa: E402
+from dtkd_utils.options import load_yaml  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

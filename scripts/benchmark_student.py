@@ -41,11 +41,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from basicsr.archs.swinir_arch import SwinIR  # noqa: E402
+from benchmark_common import interleaved  # noqa: E402
 
 from dtkd_arch import cpu_kernels  # noqa: E402
 from dtkd_arch.cpu_ops import linear_choices, using_linear_backend  # noqa: E402
 from dtkd_arch.fast_swinir_arch import FastSwinIR, cpu_supports_bf16  # noqa: E402
-from dtkd_model.benchmarking import interleaved  # noqa: E402
 
 STUDENT = dict(upscale=4, img_size=64, window_size=8, img_range=1., depths=[6, 6, 6, 6], embed_dim=60,
                num_heads=[6, 6, 6, 6], mlp_ratio=2, upsampler='pixelshuffledirect', resi_connection='1conv')

@@ -33,10 +33,7 @@ import dtkd_model  # noqa: E402,F401  (makes basicsr importable)
 
 # isort: split
 import torch  # noqa: E402
-
-from dtkd_arch import cpu_kernels  # noqa: E402
-from dtkd_compat import OptionError  # noqa: E402
-from dtkd_model.benchmarking import (  # noqa: E402
+from benchmark_common import (  # noqa: E402
     PeakMemory,
     add_teacher_run_arguments,
     conv_rate,
@@ -48,6 +45,9 @@ from dtkd_model.benchmarking import (  # noqa: E402
     sync,
     teacher_flops,
 )
+
+from dtkd_arch import cpu_kernels  # noqa: E402
+from dtkd_compat import OptionError  # noqa: E402
 
 
 def load_official(root):
@@ -281,7 +281,7 @@ def main(argv=None):
             raise OptionError('--repeats and --steps must be positive')
         device, precisions, (h, w), teacher = prepare_teacher_run(args)
         if args.official_root:
-            from dtkd_model.teacher_cache import load_teacher_options
+            from dtkd_teacher.cache import load_teacher_options
 
             load_official(args.official_root)  # fails early on a wrong directory
             return compare_official(args, load_teacher_options(args.opt), teacher, device, (h, w))

@@ -12,13 +12,12 @@ import copy
 import statistics
 import time
 
-from dtkd_model.launch import register_all  # must precede basicsr
+from dtkd.launch import register_all  # must precede basicsr
 
 # isort: split
 import torch
 from basicsr.models import build_model
-
-from dtkd_model.benchmarking import machine_description
+from benchmark_common import machine_description
 
 STUDENT = {'type': 'SwinIR', 'upscale': 4, 'in_chans': 3, 'img_size': 64, 'window_size': 8, 'img_range': 1.0,
            'depths': [6, 6, 6, 6], 'embed_dim': 60, 'num_heads': [6, 6, 6, 6], 'mlp_ratio': 2,

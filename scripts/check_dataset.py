@@ -43,7 +43,8 @@ def parse_args(argv=None):
 def blocks_from_args(args):
     """[(where, dataset block)] from -opt or from --gt/--lq."""
     if args.opt:
-        from dtkd_model.launch import PAIRED_DATASETS, load_yaml
+        from dtkd_data.image_checks import PAIRED_DATASETS
+        from dtkd_utils.options import load_yaml
 
         opt = load_yaml(args.opt)
         datasets = opt.get('datasets')

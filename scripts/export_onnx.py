@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtkd.infer import build_student, student_options
 from dtkd_compat import OptionError
-from dtkd_model.infer import build_student, student_options
 
 SWINIR_TYPES = ('SwinIR', 'FastSwinIR')
 

@@ -28,7 +28,7 @@ import dtkd_model  # noqa: E402,F401  (makes basicsr importable)
 import torch  # noqa: E402
 
 from dtkd_compat import OptionError  # noqa: E402
-from dtkd_model.teacher_cache import generate_teacher_outputs  # noqa: E402
+from dtkd_teacher.cache import generate_teacher_outputs  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -30,6 +30,10 @@ import time
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from dtkd_compat import OptionError  # noqa: E402
+
 DEMO_TEACHER = 'options/demo/resshift_demo_x4.yml'
 STUDENTS = (
     # (run name, source option file, model label, KD label)
@@ -40,10 +44,6 @@ STUDENTS = (
 STAGE_FILE = 'stages.json'
 
 
-class DemoError(Exception):
-    """A stage failed or its input is unusable; the message says which."""
-
-
 def header(text):
     print(f'\n=== {text} ===', flush=True)
 
@@ -52,11 +52,11 @@ def run(cmd, env=None):
     print('$ ' + ' '.join(cmd), flush=True)
     result = subprocess.run(cmd, env=env)
     if result.returncode != 0:
-        raise DemoError(f'command failed with exit status {result.returncode}: {" ".join(cmd)}')
+        raise OptionError(f'command failed with exit status {result.returncode}: {" ".join(cmd)}')
 
 
 def load_yaml(path):
-    from dtkd_model.launch import load_yaml as safe_load
+    from dtkd_utils.options import load_yaml as safe_load
 
     return safe_load(path if os.path.isabs(path) else os.path.join(REPO, path))
 
@@ -212,8 +212,7 @@ def student_test_options(name, ckpt, data, model_label, kd_label):
 # ---------------------------------------------------------------------------------------------- helpers
 def machine():
     import torch
-
-    from dtkd_model.benchmarking import machine_description
+    from benchmark_common import machine_description
 
     return machine_description(torch.device('cuda' if torch_cuda() else 'cpu'))
 
@@ -287,12 +286,12 @@ def main(argv=None):
     teacher_file = resolve(args.teacher)
     try:
         teacher_opt = load_yaml(teacher_file)
-        from dtkd_model.resshift_teacher import ResShiftTeacher
+        from dtkd_teacher.teacher import ResShiftTeacher
 
         # builds the networks and loads the checkpoints: missing weights stop the demo here
         ResShiftTeacher.from_options(teacher_file, device='cpu')
     except (OptionError, FileNotFoundError) as err:
-        raise DemoError(f'--teacher {args.teacher}: {err}') from None
+        raise OptionError(f'--teacher {args.teacher}: {err}') from None
     precision = args.teacher_precision
     stages = Stages(report_dir)
     report = os.path.join(report_dir, 'report.md')
@@ -313,7 +312,7 @@ def main(argv=None):
     header(f'2/5 Teacher: caching its outputs on the training set ({os.path.relpath(teacher_file, REPO)}, '
            f'{precision})')
     t0 = time.time()
-    from dtkd_model.teacher_cache import RECORD_NAME, _settings_differ, cache_settings, load_teacher_options
+    from dtkd_teacher.cache import RECORD_NAME, _settings_differ, cache_settings, load_teacher_options
 
     tag = os.path.splitext(os.path.basename(teacher_file))[0]
     teacher_lmdb = os.path.join(work, 'datasets', 'demo', 'train', f'teacher_{tag}.lmdb')
@@ -353,9 +352,9 @@ def main(argv=None):
             shutil.rmtree(exp)
         stages.start(f'train_{name}', key)
         yml = dump(opt, os.path.join(work, 'options_demo', f'{name}.yml'))
-        run([py, '-m', 'dtkd_model.train', '-opt', yml, '--auto_resume'], env=env)
+        run([py, '-m', 'dtkd.train', '-opt', yml, '--auto_resume'], env=env)
         if not os.path.isfile(ckpt):
-            raise DemoError(f'training {name} finished without writing {ckpt}')
+            raise OptionError(f'training {name} finished without writing {ckpt}')
         stages.done(f'train_{name}', key, time.time() - t0, False)
 
     # ------------------------------------------------------------------ 4. evaluation
@@ -384,9 +383,9 @@ def main(argv=None):
             if os.path.isdir(res):
                 shutil.rmtree(res)
             yml = dump(opt, os.path.join(work, 'options_demo', f'{run_name}.yml'))
-            run([py, '-m', 'dtkd_model.test', '-opt', yml], env=env)
+            run([py, '-m', 'dtkd.test', '-opt', yml], env=env)
             if not os.path.isfile(summary):
-                raise DemoError(f'evaluation {run_name} finished without writing {summary}')
+                raise OptionError(f'evaluation {run_name} finished without writing {summary}')
             stages.done(f'eval_{run_name}', key, time.time() - t0, False)
         with open(summary, encoding='utf-8') as f:
             summaries[run_name] = json.load(f)['demo_test']
@@ -471,7 +470,7 @@ def write_report(report_dir, runs, summaries, stages, args, teacher_file, precis
 if __name__ == '__main__':
     try:
         sys.exit(main())
-    except DemoError as err:
+    except OptionError as err:
         print(f'\nmake demo: error: {err}', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

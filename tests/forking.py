@@ -94,5 +94,5 @@ def run(fn, log_path, cwd=None, argv=None, timeout=120):
 
 
 def run_entry_point(module, argv, log_path, cwd):
-    """``module.main()`` of an entry point (dtkd_model.train / test / infer) with ``sys.argv = argv``."""
+    """``module.main()`` of an entry point (dtkd.train / test / infer) with ``sys.argv = argv``."""
     return run(module.main, log_path, cwd=cwd, argv=argv)

@@ -14,7 +14,7 @@ from conftest import run_cli, train_options, write_yaml
 from dtkd_model.augkd_model import (
     INVERTIBLE_OPS,
     AugKDModel,
-    AugKDOptionError,
+    OptionError,
     aligned_crop,
     apply_invertible,
     invert_invertible,
@@ -162,13 +162,13 @@ def test_cached_zoom_in_substitute_and_consistency_term(tiny_pairs):
 
 
 def test_option_errors_name_the_key(tiny_pairs):
-    with pytest.raises(AugKDOptionError, match='train.augkd_opt.zoom_out_weight'):
+    with pytest.raises(OptionError, match='train.augkd_opt.zoom_out_weight'):
         AugKDModel(model_options(tiny_pairs, zoom_out_weight=1.0))
-    with pytest.raises(AugKDOptionError, match='train.augkd_opt.consistency.ops'):
+    with pytest.raises(OptionError, match='train.augkd_opt.consistency.ops'):
         AugKDModel(model_options(tiny_pairs, consistency={'prob': 0.3, 'ops': ['rot45']}))
-    with pytest.raises(AugKDOptionError, match="'online' needs a teacher block"):
+    with pytest.raises(OptionError, match="'online' needs a teacher block"):
         AugKDModel(model_options(tiny_pairs, label_source='online'))
-    with pytest.raises(AugKDOptionError, match='train.augkd_opt.bogus'):
+    with pytest.raises(OptionError, match='train.augkd_opt.bogus'):
         AugKDModel(model_options(tiny_pairs, bogus=1))
 
 
@@ -198,7 +198,7 @@ def test_runner_trains_with_cached_labels(tiny_pairs, tmp_path):
     opt['model_type'] = 'AugKDModel'
     opt['train']['augkd_opt'] = {'zoom_in_weight': 0.2, 'zoom_out_pix_weight': 0.2, 'crop_size': 8}
     yml = write_yaml(tmp_path / 'augkd.yml', opt)
-    proc = run_cli(['-m', 'dtkd_model.train', '-opt', yml], cwd=tmp_path)
+    proc = run_cli(['-m', 'dtkd.train', '-opt', yml], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     exp = tmp_path / 'experiments' / 'tiny_augkd'
     assert (exp / 'models' / 'net_g_3.pth').is_file()
@@ -232,7 +232,7 @@ def test_runner_with_an_online_resshift_teacher(tiny_pairs, tmp_path):
     opt['teacher'] = {'opt': teacher_yml}
     opt['train']['augkd_opt'] = {'label_source': 'online', 'zoom_in_weight': 0.2, 'zoom_out_weight': 0.2}
     yml = write_yaml(tmp_path / 'augkd_online.yml', opt)
-    proc = run_cli(['-m', 'dtkd_model.train', '-opt', yml], cwd=tmp_path)
+    proc = run_cli(['-m', 'dtkd.train', '-opt', yml], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     exp = tmp_path / 'experiments' / 'tiny_augkd_online'
     text = open(glob.glob(str(exp / 'train_*.log'))[0]).read()

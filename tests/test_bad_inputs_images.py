@@ -150,7 +150,7 @@ def test_full_mode_finds_damage_inside_a_file(tmp_path):
 def test_training_refuses_a_bad_set_before_starting(bad_set, tiny_pairs, tmp_path):
     from basicsr import train as _basicsr_train  # noqa: F401
 
-    from dtkd_model import train
+    from dtkd import train
 
     opt = train_options(tiny_pairs, 'bad_data')
     opt['datasets']['train'].update(dataroot_gt=str(bad_set / 'gt'), dataroot_lq=str(bad_set / 'lq'),

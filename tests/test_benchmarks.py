@@ -6,6 +6,7 @@ multiply-accumulate counts, parameter counts against the networks.
 import importlib.util
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ from torch import nn
 
 import dtkd_arch  # noqa: F401  (registers the architectures)
 from conftest import REPO, TINY_STUDENT
-from dtkd_model.benchmarking import count_flops, parse_size
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from benchmark_common import count_flops, parse_size  # noqa: E402
 
 TINY = os.path.join(REPO, 'tests', 'data', 'options', 'tiny_teacher.yml')
 

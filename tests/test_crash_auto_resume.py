@@ -3,7 +3,7 @@ saved iteration with the same lambda schedule position and the same learning-rat
 
 Both runs are forks of the test process running ``dtkd-train``'s entry point (``main``): the first
 is SIGKILLed, the second runs with ``--auto_resume`` (tests/test_train_e2e.py resumes through a
-fresh ``python -m dtkd_model.train`` process). Expected values come from the
+fresh ``python -m dtkd.train`` process). Expected values come from the
 schedules' definitions: lambda(t) = 2 t / T (linear, final weight 2) and MultiStepLR,
 lr(t) = 2e-4 * 0.5^(number of milestones <= t - 1) (BasicSR steps the scheduler from iteration 2 on).
 """
@@ -42,7 +42,7 @@ def expected_lr(it):
 def test_auto_resume_after_a_random_sigkill(tiny_pairs, tmp_path):
     from basicsr import train as _basicsr_train  # noqa: F401  (imported once here, not in the child)
 
-    from dtkd_model import train
+    from dtkd import train
 
     opt = train_options(tiny_pairs, 'killed', total_iter=TOTAL, kd_opt=dict(DWT), save_freq=SAVE_FREQ)
     opt['train']['scheduler'] = {'type': 'MultiStepLR', 'milestones': list(MILESTONES), 'gamma': 0.5}

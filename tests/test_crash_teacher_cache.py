@@ -17,7 +17,7 @@ import torch
 
 from conftest import bicubic_down, photo, tiny_teacher_options, write_rgb
 from dtkd_data.lmdb_tools import lmdb_is_complete
-from dtkd_model.teacher_cache import RECORD_NAME, generate_teacher_outputs
+from dtkd_teacher.cache import RECORD_NAME, generate_teacher_outputs
 
 CROPS = [('astronaut', 100, 180), ('coffee', 150, 200), ('chelsea', 80, 200), ('rocket', 100, 300),
          ('astronaut', 300, 300), ('coffee', 50, 400), ('chelsea', 100, 150), ('rocket', 200, 200)]

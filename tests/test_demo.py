@@ -123,7 +123,7 @@ def test_demo_pipeline_tiny(tmp_path):
                   'eval_demo_eval_teacher', 'eval_demo_eval_kd_dwt'):
         assert re.search(rf'^\| {stage} \| [\d.]+ \| reused from an earlier run \|', report2, re.M), stage
     assert not re.search(r'^\| eval_demo_eval_kd_l1 \| [\d.]+ \| reused', report2, re.M)
-    assert 'dtkd_model.train' not in proc.stdout
+    assert 'dtkd.train' not in proc.stdout
 
 
 def test_demo_without_the_teacher_weights_stops_before_any_work(tmp_path):

@@ -15,7 +15,7 @@ from conftest import REPO, photo
 from dtkd_arch.resshift_unet_arch import ResShiftUNet
 from dtkd_arch.space_to_depth_arch import SpaceToDepthAutoencoder
 from dtkd_model.resshift_model import ResShiftModel
-from dtkd_model.resshift_teacher import ResShiftTeacher, TeacherOptionError
+from dtkd_teacher.teacher import OptionError, ResShiftTeacher
 
 DEMO_TEACHER = os.path.join(REPO, 'options', 'demo', 'resshift_demo_x4.yml')
 DEMO_TRAIN = os.path.join(REPO, 'options', 'demo', 'train_resshift_demo.yml')
@@ -73,7 +73,7 @@ def test_first_stage_without_weights_needs_no_checkpoint(tmp_path):
     assert isinstance(teacher.autoencoder, SpaceToDepthAutoencoder)
     assert teacher.sample(torch.rand(1, 3, 16, 16)).shape == (1, 3, 64, 64)
     # networks with weights still need theirs
-    with pytest.raises(TeacherOptionError, match=r'unet\.ckpt'):
+    with pytest.raises(OptionError, match=r'unet\.ckpt'):
         ResShiftTeacher.from_options(dict(opt, unet={k: v for k, v in unet.items() if k != 'ckpt'}))
 
 

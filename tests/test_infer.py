@@ -17,8 +17,8 @@ import skimage.data
 import torch
 
 from conftest import TINY_STUDENT, photo, tiny_teacher_options, write_yaml
+from dtkd import infer
 from dtkd_arch.fast_swinir_arch import FastSwinIR
-from dtkd_model import infer
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -210,7 +210,7 @@ def test_unreadable_images_are_reported_and_the_batch_goes_on(student, tmp_path,
 
 
 def test_teacher_runs_instead_of_a_student(tmp_path, capsys):
-    from dtkd_model.resshift_teacher import ResShiftTeacher
+    from dtkd_teacher.teacher import ResShiftTeacher
 
     teacher_yml = write_yaml(tmp_path / 'teacher.yml', tiny_teacher_options(tmp_path, seed=123, steps=2))
     img = photo('chelsea')[120:136, 200:216]
@@ -246,14 +246,14 @@ def test_option_errors_name_the_flag(student, photos, tmp_path, capsys, extra, m
 
 
 # Runs in a child process: measures its address space after start-up, caps it with RLIMIT_AS at that
-# plus a budget, then runs ``python -m dtkd_model.infer`` (runpy) with the remaining arguments.
+# plus a budget, then runs ``python -m dtkd.infer`` (runpy) with the remaining arguments.
 _LIMITED = """
 import resource, runpy, sys
-import dtkd_arch, dtkd_model.infer, basicsr.archs.swinir_arch  # noqa: F401  (start-up imports outside the budget)
+import dtkd_arch, dtkd.infer, basicsr.archs.swinir_arch  # noqa: F401  (start-up imports outside the budget)
 size = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmSize'))
 resource.setrlimit(resource.RLIMIT_AS, (size + int(sys.argv[1]) * 2**20, resource.RLIM_INFINITY))
 sys.argv = ['dtkd-infer'] + sys.argv[2:]
-runpy.run_module('dtkd_model.infer', run_name='__main__', alter_sys=True)
+runpy.run_module('dtkd.infer', run_name='__main__', alter_sys=True)
 """
 
 

@@ -21,8 +21,8 @@ import torch
 from basicsr.archs.swinir_arch import SwinIR
 
 from conftest import TINY_STUDENT, read_keys
+from dtkd.infer import PAPER_STUDENT
 from dtkd_arch.fast_swinir_arch import FastSwinIR
-from dtkd_model.infer import PAPER_STUDENT
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
@@ -59,7 +59,7 @@ def test_student_keys_are_the_official_swinir_keys():
 def test_official_checkpoint_and_outputs_reproduced(reference):
     """The official network's weights load strictly into FastSwinIR and BasicSR's SwinIR, and both give
     the official outputs (the official forward reflect-pads odd sizes; so do FastSwinIR and dtkd-infer)."""
-    from dtkd_model.tiling import forward_padded
+    from dtkd_arch.tiling import forward_padded
 
     assert reference['config'] == params(TINY_STUDENT)
     fast = FastSwinIR(**reference['config']).eval()

@@ -26,8 +26,8 @@ from dtkd_metric.weights import (
     ALEXNET,
     LPIPS_ALEX,
     MUSIQ_KONIQ,
-    MetricOptionError,
-    MissingWeightsError,
+    MissingFileError,
+    OptionError,
     check_metric_weights,
     default_weight_path,
     resolve_metrics,
@@ -207,13 +207,13 @@ def test_wrong_or_corrupt_weight_files_are_named(random_weights, tmp_path):
     corrupt.write_bytes(b'not a checkpoint')
     wrong = tmp_path / 'wrong.pth'
     torch.save({'head.weight': torch.zeros(1, 384)}, wrong)
-    with pytest.raises(pm.WeightsLoadError) as info:  # no fallback to full unpickling, no warning
+    with pytest.raises(pm.OptionError) as info:  # no fallback to full unpickling, no warning
         calculate_metric(dict(img=_bgr(sr), img2=_bgr(gt)), {'type': 'calculate_lpips', 'weights_path': str(corrupt)})
     assert f'Could not read LPIPS v0.1 linear layers for AlexNet (pyiqa) from {corrupt}' in str(info.value)
-    with pytest.raises(pm.WeightsLoadError, match='is not an LPIPS v0.1 AlexNet linear-layer file') as info:
+    with pytest.raises(pm.OptionError, match='is not an LPIPS v0.1 AlexNet linear-layer file') as info:
         calculate_metric(dict(img=_bgr(sr), img2=_bgr(gt)), {'type': 'calculate_lpips', 'weights_path': str(wrong)})
     assert str(wrong) in str(info.value)
-    with pytest.raises(pm.WeightsLoadError, match='is not a MUSIQ KonIQ checkpoint'):
+    with pytest.raises(pm.OptionError, match='is not a MUSIQ KonIQ checkpoint'):
         pm.calculate_musiq(_bgr(sr), weights_path=str(wrong))
 
 
@@ -259,7 +259,7 @@ def empty_hub(tmp_path, monkeypatch):
 
 def test_missing_weights_message_names_file_dir_and_fix(empty_hub):
     opts = _load_metric_options()
-    with pytest.raises(MissingWeightsError) as info:
+    with pytest.raises(MissingFileError) as info:
         check_metric_weights(opts)
     message = str(info.value)
     for weight in (ALEXNET, LPIPS_ALEX, MUSIQ_KONIQ):
@@ -269,15 +269,15 @@ def test_missing_weights_message_names_file_dir_and_fix(empty_hub):
     assert 'Traceback' not in message
     assert len(info.value.problems) == 3
     assert check_metric_weights(opts, raise_error=False) == info.value.problems
-    with pytest.raises(MissingWeightsError):
+    with pytest.raises(MissingFileError):
         resolve_metrics(opts)
 
 
 def test_missing_weights_stop_before_any_network_is_built(empty_hub):
     sr, gt = _photo_pair('astronaut', size=32)
-    with pytest.raises(MissingWeightsError, match=LPIPS_ALEX.name):
+    with pytest.raises(MissingFileError, match=LPIPS_ALEX.name):
         calculate_metric(dict(img=_bgr(sr), img2=_bgr(gt)), {'type': 'calculate_lpips'})
-    with pytest.raises(MissingWeightsError, match='given by val.metrics.musiq.weights_path'):
+    with pytest.raises(MissingFileError, match='given by val.metrics.musiq.weights_path'):
         check_metric_weights({'musiq': {'type': 'calculate_musiq', 'weights_path': str(empty_hub / 'nope.pth')}})
     assert pm._NETWORKS == {}
 
@@ -299,7 +299,7 @@ def test_optional_metrics_are_skipped_with_a_warning(empty_hub):
     ({'type': 'calculate_psnr', 'better': 'up'}, 'better must be'),
 ])
 def test_bad_metric_options_are_named(entry, match):
-    with pytest.raises(MetricOptionError, match=match) as info:
+    with pytest.raises(OptionError, match=match) as info:
         resolve_metrics({'m': entry})
     assert 'val.metrics.m' in str(info.value)
 

@@ -9,7 +9,7 @@ from test_resshift_model import DIFFUSION, TINY_UNET_LATENT, TINY_VQ
 from conftest import run_cli, train_options, write_yaml
 from dtkd_arch.resshift_unet_arch import ResShiftUNet
 from dtkd_arch.vq_autoencoder_arch import VQAutoencoder
-from dtkd_model.resshift_teacher import ResShiftTeacher
+from dtkd_teacher.teacher import ResShiftTeacher
 
 DWT = {'type': 'DWTKDLoss', 'loss_weight': 2.0, 'level': 2, 'group_weights': [1, 2, 1]}
 
@@ -54,7 +54,7 @@ def test_runner_trains_with_an_online_teacher(tiny_pairs, tmp_path):
     opt = train_options(tiny_pairs, 'tiny_online', total_iter=2, kd_opt=dict(DWT), teacher=False, save_freq=2)
     opt['val'] = None
     opt['teacher'] = {'opt': tiny_teacher_file(tmp_path), 'precision': 'fp32'}
-    proc = run_cli(['-m', 'dtkd_model.train', '-opt', write_yaml(tmp_path / 'train.yml', opt)], cwd=tmp_path)
+    proc = run_cli(['-m', 'dtkd.train', '-opt', write_yaml(tmp_path / 'train.yml', opt)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     exp = tmp_path / 'experiments' / 'tiny_online'
     text = open(glob.glob(str(exp / 'train_*.log'))[0]).read()

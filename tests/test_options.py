@@ -5,7 +5,8 @@ import os
 import pytest
 
 from conftest import REPO
-from dtkd_model.launch import load_yaml, validate_options
+from dtkd_model.options import validate_options
+from dtkd_utils.options import load_yaml
 
 TRAIN_FILES = sorted(glob.glob(os.path.join(REPO, 'options', 'train_*.yml')) +
                      glob.glob(os.path.join(REPO, 'options', 'ablation', '*.yml')))

@@ -12,7 +12,7 @@ import torch
 import dtkd_data  # noqa: F401  (registers the dataset, makes basicsr importable)
 from basicsr.data.paired_image_dataset import PairedImageDataset
 from basicsr.utils.lmdb_util import make_lmdb_from_imgs
-from dtkd_data.paired_teacher_dataset import DatasetOptionError, PairedTeacherDataset, TeacherDataError
+from dtkd_data.paired_teacher_dataset import OptionError, PairedTeacherDataset, TeacherDataError
 # isort: on
 
 SCALE = 4
@@ -229,19 +229,19 @@ def test_lmdb_teacher_checked_from_meta_info(tmp_path):
 
 def test_option_errors_name_the_key(tmp_path, data_sets):
     folders, lmdbs = data_sets
-    with pytest.raises(DatasetOptionError, match=r'datasets\.train\.io_backend\.type'):
+    with pytest.raises(OptionError, match=r'datasets\.train\.io_backend\.type'):
         PairedTeacherDataset(options(folders, 'memcache'))
-    with pytest.raises(DatasetOptionError, match=r'datasets\.train\.gt_size: 18 is not divisible by scale 4'):
+    with pytest.raises(OptionError, match=r'datasets\.train\.gt_size: 18 is not divisible by scale 4'):
         PairedTeacherDataset(options(folders, gt_size=18))
     with pytest.raises(FileNotFoundError, match=r'datasets\.train\.dataroot_gt: folder .*nowhere does not exist'):
         PairedTeacherDataset(options(dict(folders, gt=str(tmp_path / 'nowhere'))))
-    with pytest.raises(DatasetOptionError, match=r'datasets\.val\.dataroot_lq: .* must end with "\.lmdb"'):
+    with pytest.raises(OptionError, match=r'datasets\.val\.dataroot_lq: .* must end with "\.lmdb"'):
         PairedTeacherDataset(options(dict(lmdbs, lq=folders['lq']), 'lmdb', 'val'))
-    with pytest.raises(DatasetOptionError, match=r'datasets\.train\.dataroot_gt is required'):
+    with pytest.raises(OptionError, match=r'datasets\.train\.dataroot_gt is required'):
         opt = options(folders)
         del opt['dataroot_gt']
         PairedTeacherDataset(opt)
-    with pytest.raises(DatasetOptionError, match=r'datasets\.train\.dataroot_gt: 3 GT image\(s\) .*'
+    with pytest.raises(OptionError, match=r'datasets\.train\.dataroot_gt: 3 GT image\(s\) .*'
                                                  r'smaller than datasets\.train\.gt_size=48'):
         PairedTeacherDataset(options(lmdbs, 'lmdb', gt_size=48))
     os.makedirs(tmp_path / 'lq_partial')

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from dtkd_model.resshift_diffusion import (
-    DiffusionOptionError,
+from dtkd_teacher.diffusion import (
+    OptionError,
     ResShiftDiffusion,
     exponential_sqrt_eta_schedule,
     space_timesteps,
@@ -92,7 +92,7 @@ def test_space_timesteps():
     assert space_timesteps(15, 4) == [0, 3, 7, 11]
     assert space_timesteps(15, 5) == [0, 3, 6, 9, 12]
     assert space_timesteps(15, 1) == [14]
-    with pytest.raises(DiffusionOptionError, match='timestep_respacing'):
+    with pytest.raises(OptionError, match='timestep_respacing'):
         space_timesteps(15, 16)
 
 
@@ -231,10 +231,10 @@ def test_pixel_space_loop_clips_x0():
     ({'normalize_input': None}, 'diffusion.normalize_input'),
 ])
 def test_bad_options_name_the_key(change, key):
-    with pytest.raises(DiffusionOptionError, match=key.replace('.', r'\.')):
+    with pytest.raises(OptionError, match=key.replace('.', r'\.')):
         ResShiftDiffusion.from_options({**REALSR, **change})
 
 
 def test_bad_sampling_override_names_key():
-    with pytest.raises(DiffusionOptionError, match=r'sampler\.steps'):
+    with pytest.raises(OptionError, match=r'sampler\.steps'):
         ResShiftDiffusion.from_options(REALSR, sample_steps=20, steps_key='sampler.steps')

@@ -19,7 +19,7 @@ import dtkd_model  # noqa: F401
 from conftest import run_cli, write_yaml
 from dtkd_arch.resshift_unet_arch import ResShiftUNet
 from dtkd_arch.vq_autoencoder_arch import VQAutoencoder
-from dtkd_model.resshift_model import ResShiftModel, ResShiftOptionError
+from dtkd_model.resshift_model import OptionError, ResShiftModel
 
 # pixel space: the network works at HR size (16x16 here) and sees the up-sampled LR (lq_size == image_size)
 TINY_UNET_PIXEL = dict(type='ResShiftUNet', image_size=16, in_channels=3, model_channels=32, out_channels=3,
@@ -154,28 +154,28 @@ def test_official_layout_checkpoint_loads_and_adamw(tmp_path):
     bad = dict(TINY_UNET_PIXEL, model_channels=64)
     opt = model_options(False, pretrain=str(path))
     opt['network_g'] = bad
-    with pytest.raises(ResShiftOptionError, match='shape differences'):
+    with pytest.raises(OptionError, match='shape differences'):
         ResShiftModel(opt)
 
 
 def test_option_errors_name_the_key(vq_ckpt):
     opt = model_options(False)
     del opt['autoencoder']
-    with pytest.raises(ResShiftOptionError, match='autoencoder'):
+    with pytest.raises(OptionError, match='autoencoder'):
         ResShiftModel(opt)
     opt = model_options(False, optim='SGD')
-    with pytest.raises(ResShiftOptionError, match='train.optim_g.type'):
+    with pytest.raises(OptionError, match='train.optim_g.type'):
         ResShiftModel(opt)
     opt = model_options(True, None)
-    with pytest.raises(ResShiftOptionError, match='autoencoder.ckpt'):
+    with pytest.raises(OptionError, match='autoencoder.ckpt'):
         ResShiftModel(opt)
     opt = model_options(False)
     opt['network_g'] = dict(TINY_UNET_PIXEL, lq_size=8)
-    with pytest.raises(ResShiftOptionError, match='network_g.lq_size'):
+    with pytest.raises(OptionError, match='network_g.lq_size'):
         ResShiftModel(opt)
     opt = model_options(False)
     opt['diffusion'] = dict(DIFFUSION, kappa=-1)
-    with pytest.raises(ResShiftOptionError, match='diffusion.kappa'):
+    with pytest.raises(OptionError, match='diffusion.kappa'):
         ResShiftModel(opt)
 
 
@@ -210,7 +210,7 @@ def test_runner_trains_saves_validates_and_resumes(latent, tiny_pairs, vq_ckpt, 
     name = f"resshift_{'latent' if latent else 'pixel'}"
     opt = runner_options(tiny_pairs, name, latent, vq_ckpt, total_iter=4, save_freq=2)
     yml = write_yaml(tmp_path / 'train.yml', opt)
-    proc = run_cli(['-m', 'dtkd_model.train', '-opt', yml], cwd=tmp_path)
+    proc = run_cli(['-m', 'dtkd.train', '-opt', yml], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     exp = tmp_path / 'experiments' / name
     ckpt = torch.load(exp / 'models' / 'net_g_4.pth', weights_only=True)
@@ -227,7 +227,7 @@ def test_runner_trains_saves_validates_and_resumes(latent, tiny_pairs, vq_ckpt, 
     if latent:
         # the saved checkpoint is a teacher: ResShiftTeacher takes its EMA weights and, with the
         # validation's sampler settings and seed, reproduces the saved validation image
-        from dtkd_model.resshift_teacher import ResShiftTeacher
+        from dtkd_teacher.teacher import ResShiftTeacher
 
         teacher = ResShiftTeacher.from_options({
             'unet': {**opt['network_g'], 'ckpt': str(exp / 'models' / 'net_g_latest.pth')},
@@ -243,7 +243,7 @@ def test_runner_trains_saves_validates_and_resumes(latent, tiny_pairs, vq_ckpt, 
         return  # resuming does not depend on the space; checked once, below
     # resume from iteration 2: same optimizer state file, continues at iteration 3
     (exp / 'training_states' / '4.state').unlink()
-    proc = run_cli(['-m', 'dtkd_model.train', '-opt', yml, '--auto_resume'], cwd=tmp_path)
+    proc = run_cli(['-m', 'dtkd.train', '-opt', yml, '--auto_resume'], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     logs = sorted(glob.glob(str(exp / 'train_*.log')))
     resumed = open(logs[-1]).read()

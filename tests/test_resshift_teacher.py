@@ -18,8 +18,8 @@ import yaml
 
 from dtkd_arch.resshift_unet_arch import ResShiftUNet
 from dtkd_arch.vq_autoencoder_arch import VQAutoencoder
-from dtkd_model.resshift_diffusion import DiffusionOptionError
-from dtkd_model.resshift_teacher import ResShiftTeacher, TeacherOptionError
+from dtkd_compat import OptionError
+from dtkd_teacher.teacher import ResShiftTeacher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF_PATH = os.path.join(HERE, 'data', 'resshift_sampler_reference.pt')
@@ -201,22 +201,22 @@ def _with(opt, block, key, value):
 
 
 @pytest.mark.parametrize('block, key, value, match, exc', [
-    ('sampler', 'precision', 'fp64', r'sampler\.precision', TeacherOptionError),
-    ('sampler', 'precision', 'fp16', r'sampler\.precision.*CUDA', TeacherOptionError),
-    ('sampler', 'chop_stride', 600, r'sampler\.chop_stride', TeacherOptionError),
-    ('sampler', 'chop_size', 0, r'sampler\.chop_size', TeacherOptionError),
-    ('sampler', 'pad_multiple', 'x', r'sampler\.pad_multiple', TeacherOptionError),
-    ('sampler', 'steps', 16, r'sampler\.steps', DiffusionOptionError),
-    ('sampler', 'steps', 0, r'sampler\.steps', DiffusionOptionError),
-    ('sampler', 'device', 'tpu', r'sampler\.device', TeacherOptionError),
-    ('sampler', 'foo', 1, r'sampler\.foo', TeacherOptionError),
-    ('diffusion', 'kappa', 'big', r'diffusion\.kappa', DiffusionOptionError),
-    ('diffusion', 'foo', 1, r'diffusion\.foo', DiffusionOptionError),
-    ('unet', 'type', 'NoSuchNet', r'unet\.type', TeacherOptionError),
-    ('unet', 'type', None, r'unet\.type', TeacherOptionError),
-    ('unet', 'ckpt', None, r'unet\.ckpt', TeacherOptionError),
-    ('autoencoder', 'ckpt', '', r'autoencoder\.ckpt', TeacherOptionError),
-    ('unet', 'model_channelz', 3, r'unet', TeacherOptionError),
+    ('sampler', 'precision', 'fp64', r'sampler\.precision', OptionError),
+    ('sampler', 'precision', 'fp16', r'sampler\.precision.*CUDA', OptionError),
+    ('sampler', 'chop_stride', 600, r'sampler\.chop_stride', OptionError),
+    ('sampler', 'chop_size', 0, r'sampler\.chop_size', OptionError),
+    ('sampler', 'pad_multiple', 'x', r'sampler\.pad_multiple', OptionError),
+    ('sampler', 'steps', 16, r'sampler\.steps', OptionError),
+    ('sampler', 'steps', 0, r'sampler\.steps', OptionError),
+    ('sampler', 'device', 'tpu', r'sampler\.device', OptionError),
+    ('sampler', 'foo', 1, r'sampler\.foo', OptionError),
+    ('diffusion', 'kappa', 'big', r'diffusion\.kappa', OptionError),
+    ('diffusion', 'foo', 1, r'diffusion\.foo', OptionError),
+    ('unet', 'type', 'NoSuchNet', r'unet\.type', OptionError),
+    ('unet', 'type', None, r'unet\.type', OptionError),
+    ('unet', 'ckpt', None, r'unet\.ckpt', OptionError),
+    ('autoencoder', 'ckpt', '', r'autoencoder\.ckpt', OptionError),
+    ('unet', 'model_channelz', 3, r'unet', OptionError),
 ])
 def test_bad_options_name_the_key(tiny_opt, block, key, value, match, exc):
     with pytest.raises(exc, match=match):
@@ -226,11 +226,11 @@ def test_bad_options_name_the_key(tiny_opt, block, key, value, match, exc):
 def test_bad_blocks(tiny_opt):
     opt = copy.deepcopy(tiny_opt)
     opt['teacher'] = {}
-    with pytest.raises(TeacherOptionError, match='teacher'):
+    with pytest.raises(OptionError, match='teacher'):
         ResShiftTeacher.from_options(opt)
     opt = copy.deepcopy(tiny_opt)
     del opt['diffusion']
-    with pytest.raises(TeacherOptionError, match='diffusion'):
+    with pytest.raises(OptionError, match='diffusion'):
         ResShiftTeacher.from_options(opt)
     with pytest.raises(FileNotFoundError, match='no_such.yml'):
         ResShiftTeacher.from_options('no_such.yml')

@@ -68,11 +68,11 @@ def test_loaders_refuse_pickled_code_and_name_the_file(evil, tmp_path):
         assert path in message and 'posix.system' in message and 'refused' in message
     # pyiqa's own loader would unpickle in full; the metrics refuse instead, also for the AlexNet
     # backbone that torchvision would read with weights_only=False
-    with pytest.raises(pm.WeightsLoadError, match='refused'):
+    with pytest.raises(pm.OptionError, match='refused'):
         pm._load_state_dict(path, 'LPIPS weights')
-    with pytest.raises(pm.WeightsLoadError, match='evil.pth.*refused'):
+    with pytest.raises(pm.OptionError, match='evil.pth.*refused'):
         pm.LPIPSMetric(device='cpu', weights_path=path, backbone_path=path)
-    with pytest.raises(pm.WeightsLoadError, match='refused'):
+    with pytest.raises(pm.OptionError, match='refused'):
         pm.MUSIQMetric(device='cpu', weights_path=path)
     assert not marker.exists()
 
@@ -95,7 +95,7 @@ def test_entry_points_refuse_pickled_code_before_work(evil, tiny_pairs, tmp_path
     from basicsr import test as _basicsr_test  # noqa: F401  (imported once here, not in every child)
     from basicsr import train as _basicsr_train  # noqa: F401
 
-    from dtkd_model import infer, test, train
+    from dtkd import infer, test, train
 
     path, marker = evil
     opt = train_options(tiny_pairs, 'evil_pretrain', total_iter=2)
@@ -123,7 +123,7 @@ def test_entry_points_refuse_pickled_code_before_work(evil, tiny_pairs, tmp_path
 def test_auto_resume_refuses_a_state_or_checkpoint_carrying_code(evil, tiny_pairs, tmp_path):
     from basicsr import train as _basicsr_train  # noqa: F401
 
-    from dtkd_model import train
+    from dtkd import train
 
     path, marker = evil
     opt = train_options(tiny_pairs, 'resumed', total_iter=6)
@@ -154,7 +154,7 @@ def test_auto_resume_refuses_a_state_or_checkpoint_carrying_code(evil, tiny_pair
 def test_teacher_checkpoints_are_read_weights_only(evil, tmp_path):
     import yaml
 
-    from dtkd_model.resshift_teacher import ResShiftTeacher
+    from dtkd_teacher.teacher import ResShiftTeacher
 
     path, marker = evil
     with open(os.path.join(REPO, 'tests', 'data', 'options', 'tiny_teacher.yml')) as f:

@@ -34,7 +34,7 @@ def nan_teacher(tmp_path_factory):
 def run_training(tiny_pairs, tmp_path, nan_teacher, total_iter, limit):
     from basicsr import train as _basicsr_train  # noqa: F401  (imported once here, not in the child)
 
-    from dtkd_model import train
+    from dtkd import train
 
     opt = train_options(tiny_pairs, 'nan', total_iter=total_iter, kd_opt=dict(DWT),
                         kd_schedule={'type': 'linear', 'start_iter': 2}, teacher=False, save_freq=1)

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO, train_options, write_yaml
 from dtkd_compat import OptionError
-from dtkd_model.launch import validate_options
+from dtkd_model.options import validate_options
 
 DWT = {'type': 'DWTKDLoss', 'loss_weight': 2.0, 'level': 2, 'wavelet': 'haar', 'group_weights': [1, 2, 1]}
 
@@ -91,7 +91,7 @@ def test_bad_values_of_the_project_blocks(tiny_pairs):
 def test_paths_are_checked_before_anything_is_created(tiny_pairs, tmp_path):
     from basicsr import train as _basicsr_train  # noqa: F401
 
-    from dtkd_model import train
+    from dtkd import train
 
     good = base(tiny_pairs)
     del good['teacher']

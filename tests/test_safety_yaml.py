@@ -52,7 +52,7 @@ def _entry_points(tmp_path, path):
     from basicsr import test as _basicsr_test  # noqa: F401  (imported once here, not in every child)
     from basicsr import train as _basicsr_train  # noqa: F401
 
-    from dtkd_model import infer, test, train
+    from dtkd import infer, test, train
 
     scripts = {name: load_script(name) for name in ('generate_teacher_outputs', 'benchmark_teacher',
                                                      'benchmark_complexity', 'check_dataset')}
@@ -98,7 +98,7 @@ def test_teacher_option_file_of_a_training_file_is_parsed_safely(tiny_pairs, tmp
     opt = train_options(tiny_pairs, 'online', kd_opt={'type': 'L1Loss', 'loss_weight': 1.0}, teacher=False)
     opt['teacher'] = {'opt': teacher_yml, 'precision': 'fp32'}
     yml = write_yaml(tmp_path / 'train.yml', opt)
-    from dtkd_model import train
+    from dtkd import train
 
     code, out = forking.run_entry_point(train, ['dtkd-train', '-opt', yml], str(tmp_path / 'log'), str(tmp_path))
     assert code == 2, out[-3000:]
@@ -108,8 +108,8 @@ def test_teacher_option_file_of_a_training_file_is_parsed_safely(tiny_pairs, tmp
 
 
 def test_force_yml_values_are_data_not_code(tiny_pairs, tmp_path):
+    from dtkd.launch import apply_force_yml
     from dtkd_compat import OptionError
-    from dtkd_model.launch import apply_force_yml
 
     marker = tmp_path / 'forced.ran'
     opt = train_options(tiny_pairs, 'forced')
@@ -125,7 +125,7 @@ def test_force_yml_values_are_data_not_code(tiny_pairs, tmp_path):
         apply_force_yml(opt, ['train:total_itr=3'])
 
     # through the command-line parser of dtkd-train (argparse, --force_yml with several entries)
-    from dtkd_model.launch import parse_options
+    from dtkd.launch import parse_options
 
     yml = write_yaml(tmp_path / 'forced.yml', train_options(tiny_pairs, 'forced'))
     parsed, _ = parse_options(str(tmp_path), is_train=True,

@@ -1,4 +1,4 @@
-"""Offline teacher outputs (dtkd_model.teacher_cache, scripts/generate_teacher_outputs.py).
+"""Offline teacher outputs (dtkd_teacher.cache, scripts/generate_teacher_outputs.py).
 
 A tiny ResShift teacher (tests/data/options/tiny_teacher.yml) with seeded random weights saved to
 real checkpoint files; LQ images are x4 bicubic reductions of photographs from skimage.data.
@@ -27,9 +27,8 @@ import dtkd_data  # noqa: F401  (registers the datasets)
 from conftest import REPO, bicubic_down, photo, run_cli, tiny_teacher_options, write_rgb, write_yaml
 from dtkd_data.lmdb_tools import read_meta_info, write_image_lmdb
 from dtkd_data.paired_teacher_dataset import PairedTeacherDataset
-from dtkd_model.teacher_cache import (
-    CacheSettingsError,
-    TeacherCacheError,
+from dtkd_teacher.cache import (
+    OptionError,
     fixed_cpu_kernels,
     generate_teacher_outputs,
     key_seed,
@@ -130,7 +129,7 @@ def test_generation_never_chooses_kernels_by_timing(teacher_opt, data, tmp_path,
 
 
 def test_folder_cache_equals_per_key_sampling_and_feeds_the_dataset(teacher_opt, data, reference):
-    from dtkd_model.resshift_teacher import ResShiftTeacher
+    from dtkd_teacher.teacher import ResShiftTeacher
 
     root, lqs = data
     assert sorted(os.listdir(reference)) == ['img0.png', 'img1.png', 'img2.png', 'teacher_cache.json']
@@ -174,10 +173,10 @@ def test_lmdb_cache_from_lmdb_batched_matches_folder_and_feeds_the_dataset(teach
     again = generate_teacher_outputs(teacher_opt, str(root / 'lq.lmdb'), out, gt_path=str(root / 'gt.lmdb'),
                                      seed=7, progress=False)
     assert again['written'] == 0 and again['skipped'] == 3
-    with pytest.raises(CacheSettingsError, match='seed'):
+    with pytest.raises(OptionError, match='seed'):
         generate_teacher_outputs(teacher_opt, str(root / 'lq.lmdb'), out, gt_path=str(root / 'gt.lmdb'), seed=8,
                                  progress=False)
-    with pytest.raises(CacheSettingsError, match='teacher_options_sha256'):
+    with pytest.raises(OptionError, match='teacher_options_sha256'):
         generate_teacher_outputs(teacher_opt, str(root / 'lq.lmdb'), out, gt_path=str(root / 'gt.lmdb'), seed=7,
                                  steps=1, progress=False)
     assert entries == lmdb_entries(out)
@@ -244,18 +243,18 @@ def test_clear_errors_before_work(teacher_opt, data, tmp_path):
     root, _ = data
     with pytest.raises(FileNotFoundError, match='nowhere'):
         generate_teacher_outputs(teacher_opt, str(tmp_path / 'nowhere'), str(tmp_path / 'o'), progress=False)
-    with pytest.raises(TeacherCacheError, match=r"img0 \(for GT img0\)"):
+    with pytest.raises(OptionError, match=r"img0 \(for GT img0\)"):
         generate_teacher_outputs(teacher_opt, str(root / 'lq'), str(tmp_path / 'o'), gt_path=str(root / 'gt'),
                                  progress=False)
     bad = tmp_path / 'bad_lq'
     bad.mkdir()
     (bad / 'broken.png').write_bytes(b'not an image')
-    with pytest.raises(TeacherCacheError, match='broken.png'):
+    with pytest.raises(OptionError, match='broken.png'):
         generate_teacher_outputs(teacher_opt, str(bad), str(tmp_path / 'o'), progress=False)
     # GT that is not 4x the LQ
     small_gt = tmp_path / 'small_gt'
     write_rgb(str(small_gt / 'img0.png'), np.zeros((60, 64, 3), np.uint8))
-    with pytest.raises(TeacherCacheError, match=r'img0 \(GT 60x64, LQ 16x16\)'):
+    with pytest.raises(OptionError, match=r'img0 \(GT 60x64, LQ 16x16\)'):
         generate_teacher_outputs(teacher_opt, str(root / 'lq'), str(tmp_path / 'o'), gt_path=str(small_gt),
                                  filename_tmpl='{}x4', progress=False)
     # missing checkpoint, named with its option key
@@ -269,7 +268,7 @@ def test_clear_errors_before_work(teacher_opt, data, tmp_path):
     foreign = tmp_path / 'foreign'
     foreign.mkdir()
     (foreign / 'x.png').write_bytes(b'')
-    with pytest.raises(CacheSettingsError, match='teacher_cache.json'):
+    with pytest.raises(OptionError, match='teacher_cache.json'):
         generate_teacher_outputs(teacher_opt, str(root / 'lq'), str(foreign), filename_tmpl='{}x4', progress=False)
     assert not any(p.name.startswith('o') for p in tmp_path.iterdir())
 

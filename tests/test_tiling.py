@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from dtkd_model.tiling import forward_padded, pad_to_multiple, tiled_forward
+from dtkd_arch.tiling import forward_padded, pad_to_multiple, tiled_forward
 
 
 def conv_sr(radius_layers, scale=2):

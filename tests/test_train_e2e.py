@@ -35,7 +35,7 @@ def trained(tiny_pairs, tmp_path_factory):
     work = tmp_path_factory.mktemp('train')
     opt = train_options(tiny_pairs, 'tiny_dwt', total_iter=6, kd_opt=DWT, save_freq=3)
     yml = write_yaml(work / 'train.yml', opt)
-    proc = run_cli(['-m', 'dtkd_model.train', '-opt', yml], cwd=work)
+    proc = run_cli(['-m', 'dtkd.train', '-opt', yml], cwd=work)
     assert_ok(proc)
     return work, yml
 
@@ -68,7 +68,7 @@ def test_auto_resume_continues_at_the_right_iteration_and_lambda(trained):
     exp = work / 'experiments' / 'tiny_dwt'
     (exp / 'training_states' / '6.state').unlink()
     first = logged(exp)
-    proc = run_cli(['-m', 'dtkd_model.train', '-opt', yml, '--auto_resume'], cwd=work)
+    proc = run_cli(['-m', 'dtkd.train', '-opt', yml, '--auto_resume'], cwd=work)
     assert_ok(proc)
     logs = sorted(glob.glob(str(exp / 'train_*.log')))
     assert len(logs) == 2
@@ -102,7 +102,7 @@ def test_dtkd_test_runner_on_the_trained_student(trained, tiny_pairs):
                 'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 4, 'test_y_channel': True}}},
     }
     yml = write_yaml(work / 'test.yml', opt)
-    proc = run_cli(['-m', 'dtkd_model.test', '-opt', yml], cwd=work)
+    proc = run_cli(['-m', 'dtkd.test', '-opt', yml], cwd=work)
     assert_ok(proc)
     res = work / 'results' / 'tiny_eval'
     assert (res / 'visualization' / 'tinyval' / 'chelsea_tiny_eval.png').is_file()
@@ -112,13 +112,13 @@ def test_dtkd_test_runner_on_the_trained_student(trained, tiny_pairs):
 
 def test_option_errors_name_the_key(tiny_pairs, tmp_path):
     opt = train_options(tiny_pairs, 'bad', kd_opt=DWT, kd_schedule={'type': 'exponential'})
-    proc = run_cli(['-m', 'dtkd_model.train', '-opt', write_yaml(tmp_path / 'bad.yml', opt)], cwd=tmp_path)
+    proc = run_cli(['-m', 'dtkd.train', '-opt', write_yaml(tmp_path / 'bad.yml', opt)], cwd=tmp_path)
     assert proc.returncode != 0
     assert 'train.kd_schedule.type' in proc.stderr
 
     opt = train_options(tiny_pairs, 'bad2', kd_opt=DWT)
     del opt['train']['total_iter']
-    proc = run_cli(['-m', 'dtkd_model.train', '-opt', write_yaml(tmp_path / 'bad2.yml', opt)], cwd=tmp_path)
+    proc = run_cli(['-m', 'dtkd.train', '-opt', write_yaml(tmp_path / 'bad2.yml', opt)], cwd=tmp_path)
     assert proc.returncode == 2
     assert 'train.total_iter' in proc.stderr and 'Traceback' not in proc.stderr
     assert not (tmp_path / 'experiments' / 'bad2').exists()
@@ -127,7 +127,7 @@ def test_option_errors_name_the_key(tiny_pairs, tmp_path):
 def test_unsafe_yaml_is_refused(tmp_path):
     marker = tmp_path / 'pwned'
     (tmp_path / 'evil.yml').write_text(f'name: !!python/object/apply:os.system ["touch {marker}"]\n')
-    proc = run_cli(['-m', 'dtkd_model.train', '-opt', str(tmp_path / 'evil.yml')], cwd=tmp_path)
+    proc = run_cli(['-m', 'dtkd.train', '-opt', str(tmp_path / 'evil.yml')], cwd=tmp_path)
     assert proc.returncode == 2
     assert not marker.exists()
     assert 'not valid YAML' in proc.stderr
@@ -138,7 +138,7 @@ def test_two_process_cpu_training_under_torchrun(tiny_pairs, tmp_path):
     opt['val'] = None
     yml = write_yaml(tmp_path / 'ddp.yml', opt)
     proc = run_cli(['-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29633',
-                    '-m', 'dtkd_model.train', '-opt', yml, '--launcher', 'pytorch'], cwd=tmp_path, timeout=400)
+                    '-m', 'dtkd.train', '-opt', yml, '--launcher', 'pytorch'], cwd=tmp_path, timeout=400)
     assert_ok(proc)
     exp = tmp_path / 'experiments' / 'tiny_ddp'
     assert (exp / 'models' / 'net_g_2.pth').is_file()
@@ -164,7 +164,7 @@ def test_missing_metric_weights_stop_before_evaluating(trained, tiny_pairs, tmp_
     empty_hub = {'TORCH_HOME': str(tmp_path / 'torch_home')}
     metrics = {'psnr': {'type': 'calculate_psnr', 'crop_border': 4}, 'lpips': {'type': 'calculate_lpips'}}
     yml = write_yaml(tmp_path / 'lpips.yml', _eval_options(tiny_pairs, ckpt, 'needs_lpips', metrics))
-    proc = run_cli(['-m', 'dtkd_model.test', '-opt', yml], cwd=tmp_path, env_extra=empty_hub)
+    proc = run_cli(['-m', 'dtkd.test', '-opt', yml], cwd=tmp_path, env_extra=empty_hub)
     assert proc.returncode == 2
     assert 'LPIPS_v0.1_alex' in proc.stderr and 'fetch_metric_weights.py' in proc.stderr
     assert 'Traceback' not in proc.stderr
@@ -172,7 +172,7 @@ def test_missing_metric_weights_stop_before_evaluating(trained, tiny_pairs, tmp_
 
     metrics['lpips']['optional'] = True
     yml = write_yaml(tmp_path / 'lpips_opt.yml', _eval_options(tiny_pairs, ckpt, 'optional_lpips', metrics))
-    proc = run_cli(['-m', 'dtkd_model.test', '-opt', yml], cwd=tmp_path, env_extra=empty_hub)
+    proc = run_cli(['-m', 'dtkd.test', '-opt', yml], cwd=tmp_path, env_extra=empty_hub)
     assert_ok(proc)
     assert 'Skipping optional metric "lpips"' in proc.stderr
     summary = json.loads((tmp_path / 'results' / 'optional_lpips' / 'summary.json').read_text())

@@ -9,9 +9,8 @@ Guarantees:
 * Deterministic per key: the sampler's random draws come from a CPU ``torch.Generator`` seeded from
   ``sha256(f'{seed}:{key}')``, and every image is sampled on its own (``ResShiftTeacher.sample``
   draws one noise tensor for the whole batch from one generator, so stacking images would make an
-  image's output depend on its batch-mates), and the CPU kernels are fixed rather than chosen by
-  timing in each process (:func:`fixed_cpu_kernels`). A resumed, re-batched or sharded run therefore
-  writes the same bytes as one uninterrupted run on the same hardware and thread count.
+  image's output depend on its batch-mates). A resumed, re-batched or sharded run therefore writes
+  the same bytes as one uninterrupted run on the same hardware and thread count.
 * Crash-safe and resumable: a folder entry is written to a hidden temporary file and renamed into
   place; an LMDB entry is committed in its own transaction (or with its ``batch_size`` group). The
   LMDB's ``meta_info.txt`` is not kept during the run: it is rebuilt from the committed PNG entries
@@ -24,7 +23,6 @@ Guarantees:
   write into the same output (LMDB serialises write transactions across processes) and rank 0
   writes ``meta_info.txt`` after a barrier.
 """
-import contextlib
 import copy
 import hashlib
 import json
@@ -40,8 +38,7 @@ import lmdb
 import numpy as np
 import torch
 
-from dtkd_arch import cpu_kernels, cpu_ops
-from dtkd_compat import OptionError, atomic_write
+from dtkd_compat import MissingFileError, OptionError, atomic_write
 from dtkd_data.lmdb_tools import (
     LmdbFormatError,
     check_key,
@@ -58,18 +55,6 @@ FORMAT_VERSION = 1
 PNG_LEVEL = 1  # BasicSR's LMDB scripts use 1: fast, and lossless like any PNG level
 _TMP_PREFIX = '.dtkd-tmp-'
 _REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-
-
-class TeacherCacheError(OptionError):
-    """Bad input for the teacher cache (missing or unreadable image, unpaired keys, size mismatch)."""
-
-
-class CacheSettingsError(TeacherCacheError):
-    """The output was made with other settings (teacher, checkpoints, seed) or not by this tool."""
-
-
-class TeacherCacheFileNotFound(TeacherCacheError, FileNotFoundError):
-    """An input folder, LMDB, option file or checkpoint does not exist."""
 
 
 # ---------------------------------------------------------------------------------------------- keys / seeds
@@ -129,11 +114,11 @@ class ImageSource:
         if is_lmdb_path(path):
             self.kind = 'lmdb'
             if not osp.isdir(path):
-                raise TeacherCacheFileNotFound(f'{what}: LMDB {path} does not exist.')
+                raise MissingFileError(f'{what}: LMDB {path} does not exist.')
             try:
                 sizes = read_meta_info(path)
             except LmdbFormatError as err:
-                raise TeacherCacheError(f'{what}: {err}') from err
+                raise OptionError(f'{what}: {err}') from err
             self.sizes = {k: v[:2] for k, v in sizes.items()}
             self.files = {}
         else:
@@ -141,7 +126,7 @@ class ImageSource:
             try:
                 names = list_images(path, what)
             except FileNotFoundError as err:
-                raise TeacherCacheFileNotFound(str(err)) from err
+                raise MissingFileError(str(err)) from err
             self.files, dupes = {}, []
             for name in names:
                 stem = osp.splitext(name)[0]
@@ -149,7 +134,7 @@ class ImageSource:
                     dupes.append(f'{self.files[stem]} / {name}')
                 self.files[stem] = name
             if dupes:
-                raise TeacherCacheError(f'{what}: {path} holds several images with the same name stem: '
+                raise OptionError(f'{what}: {path} holds several images with the same name stem: '
                                         f'{listing(dupes)}')
             self.sizes = None
 
@@ -166,7 +151,7 @@ class ImageSource:
         try:
             return image_hw(osp.join(self.path, self.files[key]))
         except OSError as err:
-            raise TeacherCacheError(f'{self.what}: unreadable image {self.describe(key)}: {err}') from err
+            raise OptionError(f'{self.what}: unreadable image {self.describe(key)}: {err}') from err
 
     def read(self, key):
         """uint8 HWC BGR image (HW for gray files)."""
@@ -176,20 +161,20 @@ class ImageSource:
             path = osp.join(self.path, self.files[key])
             _, problem = check_image_file(path)  # truncated, CMYK, transparent: refused by name
             if problem:
-                raise TeacherCacheError(f'{self.what}: image {path} {problem}')
+                raise OptionError(f'{self.what}: image {path} {problem}')
             try:
                 return read_image(path)
             except (OSError, ValueError) as err:
-                raise TeacherCacheError(f'{self.what}: {err}') from err
+                raise OptionError(f'{self.what}: {err}') from err
         if self._env is None:
             self._env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False)
         with self._env.begin(write=False) as txn:
             buf = txn.get(key.encode('ascii'))
         if buf is None:
-            raise TeacherCacheError(f'{self.what}: {self.describe(key)} is listed in meta_info.txt but not stored.')
+            raise OptionError(f'{self.what}: {self.describe(key)} is listed in meta_info.txt but not stored.')
         img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_UNCHANGED)
         if img is None or img.dtype != np.uint8:
-            raise TeacherCacheError(f'{self.what}: {self.describe(key)} is not a decodable 8-bit image.')
+            raise OptionError(f'{self.what}: {self.describe(key)} is not a decodable 8-bit image.')
         return img[..., :3] if img.ndim == 3 else img
 
     def close(self):
@@ -224,7 +209,7 @@ def plan_jobs(lq_source, gt_source=None, filename_tmpl='{}', scale=4, check_keys
     the template removed.
     """
     if not isinstance(filename_tmpl, str) or filename_tmpl.count('{}') != 1:
-        raise TeacherCacheError(f"--filename-tmpl: expected a template with one '{{}}', got {filename_tmpl!r}")
+        raise OptionError(f"--filename-tmpl: expected a template with one '{{}}', got {filename_tmpl!r}")
     lq_keys = set(lq_source.keys())
     pairs = []
     if gt_source is not None:
@@ -235,7 +220,7 @@ def plan_jobs(lq_source, gt_source=None, filename_tmpl='{}', scale=4, check_keys
                 missing.append(f'{lq_key} (for GT {key})')
             pairs.append((key, lq_key))
         if missing:
-            raise TeacherCacheError(f'--input {lq_source.path}: {len(missing)} of {len(pairs)} GT images of '
+            raise OptionError(f'--input {lq_source.path}: {len(missing)} of {len(pairs)} GT images of '
                                     f'--gt {gt_source.path} have no LQ image (--filename-tmpl {filename_tmpl!r}): '
                                     f'{listing(missing)}')
     else:
@@ -246,14 +231,14 @@ def plan_jobs(lq_source, gt_source=None, filename_tmpl='{}', scale=4, check_keys
                 bad.append(lq_key)
             pairs.append((key, lq_key))
         if bad:
-            raise TeacherCacheError(f'--input {lq_source.path}: {len(bad)} LQ names do not match --filename-tmpl '
+            raise OptionError(f'--input {lq_source.path}: {len(bad)} LQ names do not match --filename-tmpl '
                                     f'{filename_tmpl!r}: {listing(bad)}')
     if check_keys:
         for key, _ in pairs:
             try:
                 check_key(key)
             except ValueError as err:
-                raise TeacherCacheError(f'--output (LMDB): {err}') from err
+                raise OptionError(f'--output (LMDB): {err}') from err
     jobs, wrong = [], []
     for key, lq_key in sorted(pairs):
         lh, lw = lq_source.size(lq_key)
@@ -264,7 +249,7 @@ def plan_jobs(lq_source, gt_source=None, filename_tmpl='{}', scale=4, check_keys
                 wrong.append(f'{key} (GT {gt_hw[0]}x{gt_hw[1]}, LQ {lh}x{lw})')
         jobs.append(Job(key, lq_key, (lh, lw), out_hw))
     if wrong:
-        raise TeacherCacheError(f'--gt {gt_source.path}: {len(wrong)} GT images are not {scale}x their LQ image, '
+        raise OptionError(f'--gt {gt_source.path}: {len(wrong)} GT images are not {scale}x their LQ image, '
                                 f'so the teacher output cannot be stored at GT size: {listing(wrong)}')
     return jobs
 
@@ -276,14 +261,14 @@ def load_teacher_options(opt_path, steps=None, precision=None, device=None):
         opt = copy.deepcopy(opt_path)
     else:
         if not osp.isfile(opt_path):
-            raise TeacherCacheFileNotFound(f'-opt: teacher option file {opt_path} does not exist '
+            raise MissingFileError(f'-opt: teacher option file {opt_path} does not exist '
                                            '(e.g. options/teacher/resshift_realsr_x4.yml)')
-        from dtkd_model.launch import load_yaml
+        from dtkd_utils.options import load_yaml
 
         opt = load_yaml(opt_path, key='-opt')  # safe loader: python tags are refused, nothing runs
     sampler = opt.get('sampler') or {}
     if not isinstance(sampler, dict):
-        raise TeacherCacheError('sampler: expected a mapping')
+        raise OptionError('sampler: expected a mapping')
     sampler = dict(sampler)
     for name, value in (('steps', steps), ('precision', precision), ('device', device)):
         if value is not None:
@@ -319,7 +304,7 @@ def cache_settings(opt, seed):
         if isinstance(part, dict) and part.get('ckpt'):
             path = resolve_ckpt(part.pop('ckpt'))
             if not osp.isfile(path):
-                raise TeacherCacheFileNotFound(f'{block}.ckpt: checkpoint {path} does not exist '
+                raise MissingFileError(f'{block}.ckpt: checkpoint {path} does not exist '
                                                f'(see the teacher option file for the download address)')
             checkpoints[block] = file_sha256(path)
     sampler = clean.get('sampler') or {}
@@ -462,7 +447,7 @@ def check_or_init_output(output, settings, overwrite=False):
         if overwrite:
             shutil.rmtree(output.path)
         elif not osp.isfile(record_path):
-            raise CacheSettingsError(f'--output {output.path} exists but has no {RECORD_NAME}: it was not made by '
+            raise OptionError(f'--output {output.path} exists but has no {RECORD_NAME}: it was not made by '
                                      'generate_teacher_outputs; choose another output or pass --overwrite to '
                                      'replace it')
         else:
@@ -470,7 +455,7 @@ def check_or_init_output(output, settings, overwrite=False):
                 old = json.load(f)
             diff = _settings_differ(old, settings)
             if diff:
-                raise CacheSettingsError(f'--output {output.path} was made with other settings (differing: '
+                raise OptionError(f'--output {output.path} was made with other settings (differing: '
                                          f'{", ".join(diff)}; see {record_path}); use the same teacher options, '
                                          'checkpoints and --seed to resume, or pass --overwrite to start again')
             output.prepare()
@@ -478,36 +463,6 @@ def check_or_init_output(output, settings, overwrite=False):
     output.prepare()
     atomic_write(record_path, json.dumps(settings, indent=2, sort_keys=True).encode('utf-8'), tmp_prefix=_TMP_PREFIX)
     return 'new'
-
-
-def build_teacher(opt, random_weights=False, seed=0):
-    """``ResShiftTeacher`` from an option dict; with ``random_weights`` the networks keep their
-    (seeded) initialisation and the ``ckpt`` keys are ignored (benchmarks without the release files)."""
-    from dtkd_model.resshift_teacher import SAMPLER_DEFAULTS, ResShiftTeacher
-
-    if not random_weights:
-        return ResShiftTeacher.from_options(opt)
-    from basicsr.utils.registry import ARCH_REGISTRY
-
-    import dtkd_arch  # noqa: F401  (registers the architectures)
-
-    torch.manual_seed(seed)
-    nets = {}
-    for block in ('unet', 'autoencoder'):
-        params = dict(opt.get(block) or {})
-        if not params:
-            nets[block] = None
-            continue
-        params.pop('ckpt', None)
-        arch = params.pop('type')
-        nets[block] = ARCH_REGISTRY.get(arch)(**params)
-    sampler = {**SAMPLER_DEFAULTS, **(opt.get('sampler') or {})}
-    pad = sampler['pad_multiple']
-    if pad is None:
-        pad = opt['unet'].get('lq_size', 64)
-    return ResShiftTeacher(nets['unet'], nets['autoencoder'], opt['diffusion'], steps=sampler['steps'],
-                           chop_size=sampler['chop_size'], chop_stride=sampler['chop_stride'], pad_multiple=pad,
-                           precision=sampler['precision'], device=sampler['device'])
 
 
 def generate_teacher_outputs(teacher_opt, input_path, output_path, gt_path=None, filename_tmpl='{}', seed=0,
@@ -533,7 +488,7 @@ def generate_teacher_outputs(teacher_opt, input_path, output_path, gt_path=None,
         ``seconds``.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise TeacherCacheError(f'--batch-size: expected a positive integer, got {batch_size!r}')
+        raise OptionError(f'--batch-size: expected a positive integer, got {batch_size!r}')
     if world_size > 1 and barrier is None:
         raise ValueError('generate_teacher_outputs: a barrier is needed with world_size > 1')
     sync = barrier or (lambda: None)
@@ -545,7 +500,7 @@ def generate_teacher_outputs(teacher_opt, input_path, output_path, gt_path=None,
     gt_source = ImageSource(gt_path, '--gt') if gt_path is not None else None
     if osp.abspath(output.path) in {osp.abspath(input_path.rstrip('/'))} | (
             {osp.abspath(gt_path.rstrip('/'))} if gt_path else set()):
-        raise TeacherCacheError(f'--output {output.path} must differ from --input and --gt')
+        raise OptionError(f'--output {output.path} must differ from --input and --gt')
     jobs = plan_jobs(lq_source, gt_source, filename_tmpl, scale, check_keys=output.kind == 'lmdb')
     settings = cache_settings(opt, seed)
 
@@ -555,7 +510,7 @@ def generate_teacher_outputs(teacher_opt, input_path, output_path, gt_path=None,
     if rank != 0:
         with open(osp.join(output.path, RECORD_NAME), encoding='utf-8') as f:
             if _settings_differ(json.load(f), settings):
-                raise CacheSettingsError(f'rank {rank}: settings differ from those rank 0 recorded in {output.path}')
+                raise OptionError(f'rank {rank}: settings differ from those rank 0 recorded in {output.path}')
     output.open(_map_size(jobs))
     done = output.done_keys()
     mine = jobs[rank::world_size]
@@ -567,10 +522,11 @@ def generate_teacher_outputs(teacher_opt, input_path, output_path, gt_path=None,
     start = time.time()
     try:
         if todo:
+            from dtkd_teacher.teacher import build_teacher
+
             teacher = build_teacher(opt)
-            with fixed_cpu_kernels():
-                _run(teacher, todo, lq_source, output, seed, batch_size, stats, progress and rank == 0,
-                     desc=f'teacher SR [rank {rank}/{world_size}]' if world_size > 1 else 'teacher SR')
+            _run(teacher, todo, lq_source, output, seed, batch_size, stats, progress and rank == 0,
+                 desc=f'teacher SR [rank {rank}/{world_size}]' if world_size > 1 else 'teacher SR')
         sync()
         if rank == 0 and limit is None:
             output.finalize([j.key for j in jobs])
@@ -582,20 +538,6 @@ def generate_teacher_outputs(teacher_opt, input_path, output_path, gt_path=None,
     return stats
 
 
-def fixed_cpu_kernels():
-    """A context in which the CPU kernel choices do not depend on timings: the fully connected layers' per-shape
-    tuning (``DTKD_CPU_LINEAR=auto``) becomes oneDNN's 1x1 convolution and the convolutions' measured choice
-    (``DTKD_CPU_CONV=tuned``) the fixed rule ('auto'). Two processes could otherwise measure differently and
-    write outputs that differ in the last bits (one 8-bit level at a few pixels, seen with tuned convolutions).
-    Fixed settings ('blas', 'onednn', 'direct', 'winograd', 'auto' convolutions) are kept."""
-    stack = contextlib.ExitStack()
-    if cpu_ops.linear_backend() == 'auto':
-        stack.enter_context(cpu_ops.using_linear_backend('onednn'))
-    if cpu_kernels.conv_algorithm() == 'tuned':
-        stack.enter_context(cpu_kernels.using_conv_algorithm('auto'))
-    return stack
-
-
 def _run(teacher, todo, lq_source, output, seed, batch_size, stats, show, desc):
     from tqdm import tqdm
 
@@ -605,7 +547,7 @@ def _run(teacher, todo, lq_source, output, seed, batch_size, stats, show, desc):
         for job in todo:
             img = lq_source.read(job.lq_key)
             if img.shape[:2] != tuple(job.lq_hw):
-                raise TeacherCacheError(f'--input: {lq_source.describe(job.lq_key)} decodes to '
+                raise OptionError(f'--input: {lq_source.describe(job.lq_key)} decodes to '
                                         f'{img.shape[0]}x{img.shape[1]}, its header said {job.lq_hw}')
             lq = bgr_uint8_to_tensor(img)
             sr = teacher.sample(lq, generator=key_generator(job.key, seed))[0]

@@ -8,7 +8,7 @@ Images are read with OpenCV and written in kind: grayscale stays single-channel,
 16-bit, float TIFFs stay float, an alpha channel is kept and up-scaled separately (as Real-ESRGAN
 does: by the network on the alpha replicated to three channels, or bicubic with ``--alpha bicubic``).
 JPEG EXIF orientation is applied on reading. The network sees RGB BCHW float in [0, 1], reflect-padded
-to a multiple of its window size and cropped back (``dtkd_model.tiling``); large images are processed
+to a multiple of its window size and cropped back (``dtkd_arch.tiling``); large images are processed
 in overlapping, blended tiles, and when a forward pass runs out of memory (CUDA, or the CPU allocator)
 the image is retried with tiles half as large, down to the window size. An output that cannot hold
 the image in the requested format (alpha or 16 bits in a JPEG) is written as PNG instead.
@@ -29,13 +29,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dtkd_arch.cpu_ops import warn_if_slow_bf16
+from dtkd_arch.tiling import forward_padded, tiled_forward
 from dtkd_compat import OptionError, atomic_write
-from dtkd_model.tiling import forward_padded, tiled_forward
+from dtkd_data.image_checks import BadImageError
+from dtkd_utils.device import autocast, check_precision, pick_device
 
 # The paper's student, SwinIR-small x4 (options/train_dtkd.yml, network_g): what --model alone assumes.
 PAPER_STUDENT = {
-    'type': 'FastSwinIR', 'upscale': 4, 'in_chans': 3, 'img_size': 64, 'window_size': 8, 'img_range': 1.,
+    'type': 'SwinIRStudent', 'upscale': 4, 'in_chans': 3, 'img_size': 64, 'window_size': 8, 'img_range': 1.,
     'depths': [6, 6, 6, 6], 'embed_dim': 60, 'num_heads': [6, 6, 6, 6], 'mlp_ratio': 2,
     'upsampler': 'pixelshuffledirect', 'resi_connection': '1conv',
 }
@@ -52,10 +53,6 @@ _FLOAT_EXTS = ('tif', 'tiff')
 CPU_AUTO_TILE = 512
 # BT.601 luma, as cv2.COLOR_RGB2GRAY: how a colour output becomes a grayscale or alpha channel.
 _LUMA = (0.299, 0.587, 0.114)
-
-
-class ImageError(Exception):
-    """This image cannot be read, processed or written; the batch goes on with the next one."""
 
 
 def is_out_of_memory(err):
@@ -80,24 +77,6 @@ def _free_cached_memory(device):
 
 
 # --------------------------------------------------------------------------------------------- networks
-def pick_device(name):
-    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:<i>' -> torch.device; errors name --device."""
-    if name in (None, 'auto'):
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise OptionError(f"--device: expected auto, cpu, cuda or cuda:<index>, got {name!r}") from None
-    if device.type not in ('cpu', 'cuda'):
-        raise OptionError(f'--device: expected auto, cpu, cuda or cuda:<index>, got {name!r}')
-    if device.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise OptionError(f'--device {name}: CUDA is not available on this machine (use --device cpu)')
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise OptionError(f'--device {name}: only {torch.cuda.device_count()} CUDA device(s) found')
-    return device
-
-
 def student_options(model=None, opt=None):
     """The network options and checkpoint path for ``--model`` / ``-opt``.
 
@@ -108,7 +87,7 @@ def student_options(model=None, opt=None):
     Returns:
         tuple(dict, str, str): network_g, checkpoint path, and the option that named the checkpoint.
     """
-    from dtkd_model.launch import load_yaml
+    from dtkd_utils.options import load_yaml
 
     if opt is None:
         if not model:
@@ -141,11 +120,11 @@ def student_options(model=None, opt=None):
 
 def build_student(network_g, ckpt, key='--model', precision='fp32', device='cpu', source=None):
     """Build ``network_g`` from BasicSR's ARCH_REGISTRY and load ``ckpt`` (``params_ema`` preferred
-    over ``params``, strict). ``precision`` sets FastSwinIR's own autocast; other architectures are
+    over ``params``, strict). ``precision`` sets SwinIRStudent's own autocast; other architectures are
     autocast by :class:`StudentRunner`. Returns the network in eval mode on ``device``."""
     from basicsr.utils.registry import ARCH_REGISTRY
 
-    import dtkd_arch  # noqa: F401  (registers FastSwinIR and the other architectures)
+    import dtkd_arch  # noqa: F401  (registers SwinIRStudent and the other architectures)
     from dtkd_arch.checkpoint import CheckpointMismatchError, load_pretrained
 
     where = f'network_g in {source}' if source else 'network_g'
@@ -155,7 +134,7 @@ def build_student(network_g, ckpt, key='--model', precision='fp32', device='cpu'
         cls = ARCH_REGISTRY.get(arch)
     except KeyError:
         raise OptionError(f'{where}: type {arch!r} is not a registered architecture') from None
-    if arch == 'FastSwinIR':
+    if 'precision' in params or arch == 'SwinIRStudent':
         params['precision'] = precision
     try:
         net = cls(**params)
@@ -179,7 +158,7 @@ class StudentRunner:
         multiple (int): inputs are reflect-padded to multiples of this (the window size).
         device (torch.device): where the network runs.
         tile (int): tile side in LR pixels, 0 for whole images.
-        tile_pad (int): context around each tile, LR pixels (see ``dtkd_model.tiling.tiled_forward``).
+        tile_pad (int): context around each tile, LR pixels (see ``dtkd_arch.tiling.tiled_forward``).
         precision (str): autocast dtype for networks that do not handle it themselves.
         log (callable): receives one line per fall-back.
     """
@@ -188,16 +167,11 @@ class StudentRunner:
         self.net, self.scale, self.multiple, self.device = net, scale, max(int(multiple), 1), device
         self.tile, self.tile_pad, self.log = tile, tile_pad, log
         self.in_chans = getattr(net, 'in_chans', None) or getattr(getattr(net, 'conv_first', None), 'in_channels', 3)
-        self.autocast = None
-        if precision != 'fp32' and not hasattr(net, 'precision'):
-            self.autocast = {'bf16': torch.bfloat16, 'fp16': torch.float16}[precision]
-            warn_if_slow_bf16(precision, device, "--precision 'bf16'")
+        self.precision = 'fp32' if hasattr(net, 'precision') else check_precision(precision, device, '--precision')
 
     def _forward(self, x):
-        if self.autocast is not None:
-            with torch.autocast(device_type=self.device.type, dtype=self.autocast):
-                return self.net(x).float()
-        return self.net(x)
+        with autocast(self.precision, self.device):
+            return self.net(x).float()
 
     def _smaller_tile(self, h, w):
         """The next tile size after an out-of-memory error, or None when tiles cannot shrink further."""
@@ -229,14 +203,14 @@ class StudentRunner:
             smaller = self._smaller_tile(h, w)
             what = f'{self.tile}-pixel tiles' if self.tile > 0 else 'the whole image'
             if smaller is None:
-                raise ImageError(f'out of memory with {what} and tiles cannot be smaller than the window '
+                raise BadImageError(f'out of memory with {what} and tiles cannot be smaller than the window '
                                  f'({self.multiple} pixels): {failed}')
             self.log(f'out of memory with {what}; continuing with --tile {smaller}')
             self.tile = smaller
 
 
 class TeacherRunner:
-    """The ResShift teacher (:class:`dtkd_model.resshift_teacher.ResShiftTeacher`) behind the runner interface.
+    """The ResShift teacher (:class:`dtkd_teacher.teacher.ResShiftTeacher`) behind the runner interface.
 
     Its own chopping (``sampler.chop_size`` / ``chop_stride``) takes the place of tiles; on running out of
     memory the chop size is halved (not below ``pad_multiple``). Every image is sampled with its own
@@ -265,42 +239,39 @@ class TeacherRunner:
             t = self.teacher
             smaller = (t.chop_size // 2) // t.pad_multiple * t.pad_multiple
             if smaller < t.pad_multiple or smaller >= t.chop_size:
-                raise ImageError(f'out of memory with teacher chops of {t.chop_size} pixels: {failed}')
+                raise BadImageError(f'out of memory with teacher chops of {t.chop_size} pixels: {failed}')
             overlap = t.chop_size - t.chop_stride
             t.chop_size, t.chop_stride = smaller, max(smaller - overlap, smaller // 2, 1)
             self.log(f'out of memory; continuing with teacher chops of {smaller} pixels')
 
 
 def build_teacher(path, precision, device, tile=None, tile_pad=16):
-    """``ResShiftTeacher.from_options`` with errors that name ``--teacher``. ``tile`` (LR pixels)
-    replaces ``sampler.chop_size``, with overlapping chops ``2 * tile_pad`` pixels wide."""
-    from dtkd_model.resshift_teacher import ResShiftTeacher
+    """The teacher of ``--teacher`` (:func:`dtkd_teacher.teacher.build_teacher`), errors naming the flag.
+    ``tile`` (LR pixels) replaces ``sampler.chop_size``, with chops overlapping ``2 * tile_pad`` pixels."""
+    from dtkd_teacher import teacher
 
     overrides = {'precision': precision, 'device': str(device)}
     if tile:
         overrides.update(chop_size=tile, chop_stride=max(tile - 2 * tile_pad, 1))
     try:
-        return ResShiftTeacher.from_options(path, **overrides)
-    except FileNotFoundError as err:
-        raise OptionError(f'--teacher {path}: {err}') from None
+        return teacher.build_teacher(path, **overrides)
     except OptionError as err:
         raise OptionError(f'--teacher {path}: {err}') from None
 
 
-# --------------------------------------------------------------------------------------------- images
 def read_image(path):
     """Read any image OpenCV decodes, as stored: (H, W) or (H, W, 3|4) BGR(A), uint8/uint16/float32.
 
     JPEG EXIF orientation is applied (OpenCV ignores it when asked for the alpha channel, so images
-    without alpha are decoded a second time with orientation). Raises ImageError.
+    without alpha are decoded a second time with orientation). Raises BadImageError.
     """
     try:
         data = np.fromfile(path, dtype=np.uint8)  # also for paths OpenCV's imread cannot open
     except OSError as err:
-        raise ImageError(f'cannot read the file: {err.strerror or err}') from None
+        raise BadImageError(f'cannot read the file: {err.strerror or err}') from None
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None:
-        raise ImageError('not an image OpenCV can decode')
+        raise BadImageError('not an image OpenCV can decode')
     if not (img.ndim == 3 and img.shape[2] == 4):
         oriented = cv2.imdecode(data, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
         if oriented is not None and oriented.dtype == img.dtype:
@@ -308,11 +279,11 @@ def read_image(path):
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[..., 0]
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (3, 4)):
-        raise ImageError(f'unsupported layout {img.shape} (expected gray, BGR or BGRA)')
+        raise BadImageError(f'unsupported layout {img.shape} (expected gray, BGR or BGRA)')
     if img.dtype == np.float64:
         img = img.astype(np.float32)
     if img.dtype not in (np.uint8, np.uint16, np.float32):
-        raise ImageError(f'unsupported pixel type {img.dtype} (expected 8-bit, 16-bit or float)')
+        raise BadImageError(f'unsupported pixel type {img.dtype} (expected 8-bit, 16-bit or float)')
     return img
 
 
@@ -339,7 +310,7 @@ def _run_channels(runner, t):
         return runner(t)
     if c == 1 and want == 3:
         return _luma(runner(t.expand(-1, 3, -1, -1)))
-    raise ImageError(f'a {c}-channel image for a network with {want} input channel(s)')
+    raise BadImageError(f'a {c}-channel image for a network with {want} input channel(s)')
 
 
 def _to_array(t, peak, dtype):
@@ -396,9 +367,9 @@ def encode(img, ext):
     try:
         ok, buf = cv2.imencode('.' + ext, img, params)
     except cv2.error as err:
-        raise ImageError(f'OpenCV cannot write it as {ext}: {err}') from None
+        raise BadImageError(f'OpenCV cannot write it as {ext}: {err}') from None
     if not ok:
-        raise ImageError(f'OpenCV cannot write it as {ext}')
+        raise BadImageError(f'OpenCV cannot write it as {ext}')
     return buf
 
 
@@ -407,7 +378,7 @@ def write_atomic(path, data):
     try:
         atomic_write(path, data)
     except OSError as err:
-        raise ImageError(f"cannot write '{path}': {err.strerror or err}") from None
+        raise BadImageError(f"cannot write '{path}': {err.strerror or err}") from None
 
 
 # --------------------------------------------------------------------------------------------- batch
@@ -524,7 +495,7 @@ def infer(args):
                 ext, target = 'png', fallback
             write_atomic(target, encode(out, ext).tobytes())
             done += 1
-        except ImageError as err:
+        except BadImageError as err:
             failures.append((path, str(err)))
             tqdm.write(f'failed: {path}: {err}', file=sys.stderr)
     bar.close()

@@ -1,5 +1,5 @@
 """``dtkd-test -opt options/test/<file>.yml``: BasicSR's test runner with the DTKD classes."""
-from dtkd_model.launch import run
+from dtkd.launch import run
 
 
 def main():

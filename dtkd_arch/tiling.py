@@ -12,15 +12,20 @@ import torch.nn.functional as F
 def pad_to_multiple(x, multiple):
     """Reflect-pad the bottom and right of ``x`` (B, C, H, W) to multiples of ``multiple``.
 
-    Returns the padded tensor and the original (H, W). Reflection needs the padding to be smaller
-    than the image side; for tiny images the padding falls back to replicate.
+    Returns the padded tensor and the original (H, W). As the official SwinIR and ResShift test code
+    (``check_image_size``); where the padding is not smaller than a side (which a single reflection
+    cannot do), the reflection is repeated, and a 1-pixel side is replicated.
     """
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
-        return x, (h, w)
-    mode = 'reflect' if ph < h and pw < w else 'replicate'
-    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+    while ph > 0 or pw > 0:
+        sh, sw = min(ph, x.shape[-2] - 1), min(pw, x.shape[-1] - 1)
+        if sh == 0 and sw == 0:
+            x = F.pad(x, (0, pw, 0, ph), mode='replicate')
+            break
+        x = F.pad(x, (0, sw, 0, sh), mode='reflect')
+        ph, pw = ph - sh, pw - sw
+    return x, (h, w)
 
 
 def forward_padded(net, x, multiple, scale):

@@ -45,10 +45,6 @@ DIFFUSION_DEFAULTS = {
 _REQUIRED = ('schedule_name', 'normalize_input')
 
 
-class DiffusionOptionError(OptionError):
-    """A diffusion option is missing, unknown or out of range; the message names the key."""
-
-
 def exponential_sqrt_eta_schedule(steps, min_noise_level, etas_end=0.99, kappa=1.0, power=0.3):
     """The official 'exponential' schedule of sqrt(eta_t), t = 0 .. steps-1 (ResShift paper, Eq. 10).
 
@@ -64,7 +60,7 @@ def exponential_sqrt_eta_schedule(steps, min_noise_level, etas_end=0.99, kappa=1
         np.ndarray: float64, shape (T,), increasing.
     """
     if int(steps) != steps or steps < 2:
-        raise DiffusionOptionError(f"diffusion.steps: expected an integer >= 2, got {steps!r}")
+        raise OptionError(f"diffusion.steps: expected an integer >= 2, got {steps!r}")
     steps = int(steps)
     etas_start = min(min_noise_level / kappa, min_noise_level)
     increaser = math.exp(1 / (steps - 1) * math.log(etas_end / etas_start))
@@ -87,7 +83,7 @@ def space_timesteps(num_timesteps, sample_steps):
         list[int]: sorted original timesteps.
     """
     if int(sample_steps) != sample_steps or not 1 <= sample_steps <= num_timesteps:
-        raise DiffusionOptionError(
+        raise OptionError(
             f'diffusion.timestep_respacing: expected an integer in [1, {num_timesteps}], got {sample_steps!r}')
     sample_steps = int(sample_steps)
     if sample_steps == 1:
@@ -132,12 +128,12 @@ class ResShiftDiffusion:
     def __init__(self, sqrt_etas, kappa, predict_type='xstart', sf=4, scale_factor=None, normalize_input=True,
                  latent_flag=True, weighted_mse=False, sample_steps=None):
         if predict_type not in PREDICT_TYPES:
-            raise DiffusionOptionError(f'diffusion.predict_type: expected one of {PREDICT_TYPES}, got {predict_type!r}')
+            raise OptionError(f'diffusion.predict_type: expected one of {PREDICT_TYPES}, got {predict_type!r}')
         full = np.asarray(sqrt_etas, dtype=np.float64)
         if full.ndim != 1 or not ((full**2 > 0).all() and (full**2 <= 1).all()):
-            raise DiffusionOptionError('diffusion: etas must be a 1-D schedule in (0, 1]')
+            raise OptionError('diffusion: etas must be a 1-D schedule in (0, 1]')
         if not kappa > 0:
-            raise DiffusionOptionError(f'diffusion.kappa: expected > 0, got {kappa!r}')
+            raise OptionError(f'diffusion.kappa: expected > 0, got {kappa!r}')
         self.kappa = float(kappa)
         self.predict_type = predict_type
         self.sf = int(sf)
@@ -189,39 +185,39 @@ class ResShiftDiffusion:
             steps_key (str): option name of ``sample_steps`` for error messages.
         """
         if not isinstance(opt, dict):
-            raise DiffusionOptionError(f'{prefix}: expected a mapping of options, got {type(opt).__name__}')
+            raise OptionError(f'{prefix}: expected a mapping of options, got {type(opt).__name__}')
         unknown = sorted(set(opt) - set(DIFFUSION_DEFAULTS))
         if unknown:
-            raise DiffusionOptionError(
+            raise OptionError(
                 f'{prefix}.{unknown[0]}: unknown option (known: {", ".join(DIFFUSION_DEFAULTS)})')
         for key in _REQUIRED:
             if opt.get(key) is None:
-                raise DiffusionOptionError(f'{prefix}.{key}: required option is missing')
+                raise OptionError(f'{prefix}.{key}: required option is missing')
         o = {**DIFFUSION_DEFAULTS, **opt}
         if o['schedule_name'] not in SCHEDULES:
-            raise DiffusionOptionError(
+            raise OptionError(
                 f"{prefix}.schedule_name: expected one of {SCHEDULES}, got {o['schedule_name']!r} (the official "
                 "'ldm' schedule reads a .mat file and is not used by the released models)")
         skw = o['schedule_kwargs'] or {}
         if not isinstance(skw, dict) or set(skw) - {'power'} or 'power' not in skw:
-            raise DiffusionOptionError(f'{prefix}.schedule_kwargs: expected {{power: <float>}}, got {skw!r}')
+            raise OptionError(f'{prefix}.schedule_kwargs: expected {{power: <float>}}, got {skw!r}')
         for key in ('etas_end', 'min_noise_level', 'kappa'):
             if not isinstance(o[key], (int, float)) or isinstance(o[key], bool) or not o[key] > 0:
-                raise DiffusionOptionError(f'{prefix}.{key}: expected a positive number, got {o[key]!r}')
+                raise OptionError(f'{prefix}.{key}: expected a positive number, got {o[key]!r}')
         if not o['etas_end'] <= 1:
-            raise DiffusionOptionError(f"{prefix}.etas_end: expected <= 1, got {o['etas_end']!r}")
+            raise OptionError(f"{prefix}.etas_end: expected <= 1, got {o['etas_end']!r}")
         if not isinstance(o['sf'], int) or o['sf'] < 1:
-            raise DiffusionOptionError(f"{prefix}.sf: expected a positive integer, got {o['sf']!r}")
+            raise OptionError(f"{prefix}.sf: expected a positive integer, got {o['sf']!r}")
         if o['predict_type'] not in PREDICT_TYPES:
-            raise DiffusionOptionError(
+            raise OptionError(
                 f"{prefix}.predict_type: expected one of {PREDICT_TYPES}, got {o['predict_type']!r}")
         if not isinstance(o['steps'], int) or isinstance(o['steps'], bool) or o['steps'] < 2:
-            raise DiffusionOptionError(f"{prefix}.steps: expected an integer >= 2, got {o['steps']!r}")
+            raise OptionError(f"{prefix}.steps: expected an integer >= 2, got {o['steps']!r}")
         steps = o['timestep_respacing'] if sample_steps is None else sample_steps
         key = f'{prefix}.timestep_respacing' if sample_steps is None else steps_key
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool)
                                   or not 1 <= steps <= o['steps']):
-            raise DiffusionOptionError(f"{key}: expected an integer in [1, {prefix}.steps = {o['steps']}], "
+            raise OptionError(f"{key}: expected an integer in [1, {prefix}.steps = {o['steps']}], "
                                        f'got {steps!r}')
         sqrt_etas = exponential_sqrt_eta_schedule(o['steps'], o['min_noise_level'], o['etas_end'], o['kappa'],
                                                   skw['power'])

@@ -43,18 +43,15 @@ def machine_description(device):
 
 
 def pick_device(name):
-    if name in (None, 'auto'):
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(name)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise OptionError(f'--device {name}: CUDA is not available')
-    return device
+    from dtkd_utils.device import pick_device as pick
+
+    return pick(name)
 
 
 def reduced_precisions(device):
     """Reduced precisions worth timing: fp16 and bf16 on GPU; bf16 on CPUs with bf16 matrix instructions
-    (elsewhere torch's bf16 kernels are many times slower than fp32: see ``dtkd_arch.cpu_ops``)."""
-    from dtkd_arch.cpu_ops import cpu_supports_bf16
+    (elsewhere torch's bf16 kernels are many times slower than fp32)."""
+    from dtkd_utils.device import cpu_supports_bf16
 
     if device.type == 'cuda':
         return ['fp16', 'bf16']
@@ -250,7 +247,8 @@ def prepare_teacher_run(args):
 
     Returns ``(device, precisions, (h, w), teacher)``; bad options raise ``OptionError``.
     """
-    from dtkd_model.teacher_cache import build_teacher, load_teacher_options
+    from dtkd_teacher.cache import load_teacher_options
+    from dtkd_teacher.teacher import build_teacher
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,23 +20,22 @@ The random draws follow the official order (per patch: prior noise, then one per
 ``generator`` the global RNG is used, so ``torch.manual_seed(s)`` before :meth:`sample` reproduces
 the official sampler seeded with ``s``.
 """
-import contextlib
 import copy
 import os
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 import dtkd_compat  # noqa: F401  (must precede basicsr)
-from dtkd_arch.cpu_ops import warn_if_slow_bf16
+from dtkd_arch.tiling import pad_to_multiple
 from dtkd_compat import OptionError
-from dtkd_model.resshift_diffusion import DIFFUSION_DEFAULTS, DiffusionOptionError, ResShiftDiffusion
+from dtkd_teacher.diffusion import DIFFUSION_DEFAULTS, ResShiftDiffusion
+from dtkd_utils.device import PRECISIONS, autocast, check_precision, pick_device
+from dtkd_utils.options import load_yaml
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BLOCKS = ('unet', 'autoencoder', 'diffusion', 'sampler')
-PRECISIONS = ('fp32', 'bf16', 'fp16')
 # runtime knobs (the ``sampler`` block); defaults are the official inference script's settings for
 # real-SR (inference_resshift.py: chop_size 512, stride 512 - 64, padding_offset = lq_size = 64),
 # except precision: the official script runs fp16 autocast on the GPU, fp32 is the exact default here.
@@ -49,10 +48,6 @@ SAMPLER_DEFAULTS = {
     'device': 'auto',
 }
 _DOWNLOAD = 'https://github.com/zsyOAOA/ResShift/releases/download/v2.0/'
-
-
-class TeacherOptionError(OptionError):
-    """A teacher option is missing or invalid; the message names the key (e.g. 'sampler.chop_size')."""
 
 
 def _is_int(v):
@@ -72,14 +67,7 @@ def _load_options(path_or_dict):
     if isinstance(path_or_dict, dict):
         return copy.deepcopy(path_or_dict), '<dict>'
     path = os.fspath(path_or_dict)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"ResShift teacher options file '{path}' not found "
-                                f'(expected e.g. options/teacher/resshift_realsr_x4.yml)')
-    with open(path, encoding='utf-8') as f:
-        opt = yaml.safe_load(f)
-    if not isinstance(opt, dict):
-        raise TeacherOptionError(f"'{path}': expected a mapping with blocks {_BLOCKS[:3]}")
-    return opt, path
+    return load_yaml(path, key='teacher options (e.g. options/teacher/resshift_realsr_x4.yml)'), path
 
 
 def _build_network(block, name, what, default_ckpt):
@@ -91,26 +79,26 @@ def _build_network(block, name, what, default_ckpt):
     from dtkd_arch.checkpoint import describe_mismatch, load_pretrained, load_state_dict_file
 
     if not isinstance(block, dict):
-        raise TeacherOptionError(f'{name}: expected a mapping with type, ckpt and the network options')
+        raise OptionError(f'{name}: expected a mapping with type, ckpt and the network options')
     params = dict(block)
     arch = params.pop('type', None)
     if not arch:
-        raise TeacherOptionError(f'{name}.type: required (e.g. ResShiftUNet / VQAutoencoder)')
+        raise OptionError(f'{name}.type: required (e.g. ResShiftUNet / VQAutoencoder)')
     try:
         cls = ARCH_REGISTRY.get(arch)
     except KeyError as err:
-        raise TeacherOptionError(f'{name}.type: no architecture named {arch!r} is registered') from err
+        raise OptionError(f'{name}.type: no architecture named {arch!r} is registered') from err
     if not getattr(cls, 'needs_checkpoint', True) and params.get('ckpt') is None:
         params.pop('ckpt', None)
         try:
             return cls(**params)  # a network without weights (e.g. SpaceToDepthAutoencoder)
         except (TypeError, ValueError) as err:
-            raise TeacherOptionError(f'{name}: options do not fit {arch}: {err}') from err
+            raise OptionError(f'{name}: options do not fit {arch}: {err}') from err
     if 'ckpt' not in params:
-        raise TeacherOptionError(f'{name}.ckpt: required: path of {default_ckpt} (download: {_DOWNLOAD}{default_ckpt})')
+        raise OptionError(f'{name}.ckpt: required: path of {default_ckpt} (download: {_DOWNLOAD}{default_ckpt})')
     ckpt = params.pop('ckpt')
     if ckpt is None or ckpt == '':
-        raise TeacherOptionError(f'{name}.ckpt: a checkpoint path is required (the teacher is never run with '
+        raise OptionError(f'{name}.ckpt: a checkpoint path is required (the teacher is never run with '
                                  f'random weights); the released file is {_DOWNLOAD}{default_ckpt}')
     path = _resolve_ckpt(ckpt)
     if not os.path.isfile(path):
@@ -124,7 +112,7 @@ def _build_network(block, name, what, default_ckpt):
     try:
         net = cls(**params)
     except TypeError as err:
-        raise TeacherOptionError(f'{name}: options do not fit {arch}: {err}') from err
+        raise OptionError(f'{name}: options do not fit {arch}: {err}') from err
     # as the official loader (utils/util_net.py: reload_model): every network key must be in the file,
     # extra keys in the file are ignored
     state = load_state_dict_file(path, what=what, option_key=f'{name}.ckpt')
@@ -163,7 +151,7 @@ class ResShiftTeacher(nn.Module):
                  precision='fp32', device='auto', cond_lq=None):
         super().__init__()
         if not isinstance(diffusion, dict):
-            raise TeacherOptionError(f'diffusion: expected a mapping of the official diffusion options, '
+            raise OptionError(f'diffusion: expected a mapping of the official diffusion options, '
                                      f'got {type(diffusion).__name__}')
         self.diffusion_opt = dict(diffusion)
         self.unet = unet
@@ -173,9 +161,9 @@ class ResShiftTeacher(nn.Module):
             pad_multiple = getattr(unet, 'lq_size', None) or 64
         for key, value in (('chop_size', chop_size), ('chop_stride', chop_stride), ('pad_multiple', pad_multiple)):
             if not _is_int(value) or value < 1:
-                raise TeacherOptionError(f'sampler.{key}: expected a positive integer, got {value!r}')
+                raise OptionError(f'sampler.{key}: expected a positive integer, got {value!r}')
         if chop_stride > chop_size:
-            raise TeacherOptionError(f'sampler.chop_stride: expected <= sampler.chop_size ({chop_size}), '
+            raise OptionError(f'sampler.chop_stride: expected <= sampler.chop_size ({chop_size}), '
                                      f'got {chop_stride}')
         self.chop_size, self.chop_stride, self.pad_multiple = chop_size, chop_stride, pad_multiple
         self.device = self._pick_device(device)
@@ -199,16 +187,16 @@ class ResShiftTeacher(nn.Module):
         opt, source = _load_options(path_or_dict)
         unknown = sorted(set(opt) - set(_BLOCKS))
         if unknown:
-            raise TeacherOptionError(f'{unknown[0]}: unknown block in {source} (expected {", ".join(_BLOCKS)})')
+            raise OptionError(f'{unknown[0]}: unknown block in {source} (expected {", ".join(_BLOCKS)})')
         for block in _BLOCKS[:3]:
             if block not in opt:
-                raise TeacherOptionError(f'{block}: required block is missing in {source}')
+                raise OptionError(f'{block}: required block is missing in {source}')
         sampler = opt.get('sampler') or {}
         if not isinstance(sampler, dict):
-            raise TeacherOptionError(f'sampler: expected a mapping, got {type(sampler).__name__}')
+            raise OptionError(f'sampler: expected a mapping, got {type(sampler).__name__}')
         bad = sorted(set(sampler) - set(SAMPLER_DEFAULTS))
         if bad:
-            raise TeacherOptionError(f'sampler.{bad[0]}: unknown option (known: {", ".join(SAMPLER_DEFAULTS)})')
+            raise OptionError(f'sampler.{bad[0]}: unknown option (known: {", ".join(SAMPLER_DEFAULTS)})')
         bad = sorted(set(overrides) - set(SAMPLER_DEFAULTS))
         if bad:
             raise TypeError(f'ResShiftTeacher.from_options: unknown override {bad[0]!r} '
@@ -238,26 +226,11 @@ class ResShiftTeacher(nn.Module):
 
     @staticmethod
     def _pick_device(device):
-        if device is None or device == 'auto':
-            return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as err:
-            raise TeacherOptionError(f"sampler.device: expected 'auto', 'cpu' or 'cuda[:i]', got {device!r}") from err
-        if dev.type == 'cuda' and not torch.cuda.is_available():
-            raise TeacherOptionError(f"sampler.device: {device!r} requested but CUDA is not available (use 'cpu')")
-        return dev
+        return pick_device(device, option='sampler.device')
 
     @staticmethod
     def _check_precision(precision, device):
-        if precision not in PRECISIONS:
-            raise TeacherOptionError(f'sampler.precision: expected one of {PRECISIONS}, got {precision!r}')
-        if precision == 'fp16' and device.type != 'cuda':
-            raise TeacherOptionError("sampler.precision: 'fp16' autocast needs a CUDA device; use 'bf16' or 'fp32' "
-                                     f'on {device.type}')
-        warn_if_slow_bf16(precision, device, "ResShift teacher precision 'bf16' (sampler.precision or a precision "
-                          'override)')
-        return precision
+        return check_precision(precision, device, 'sampler.precision')
 
     def set_steps(self, steps=None):
         """Sample with ``steps`` steps (respaced, as the official ``timestep_respacing``); None: the
@@ -272,35 +245,10 @@ class ResShiftTeacher(nn.Module):
         return super().train(False)
 
     # ------------------------------------------------------------------ sampling
-    def _autocast(self):
-        # official sampler: torch.cuda.amp.autocast() around encode, sampling and decode
-        if self.precision == 'fp32':
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == 'bf16' else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-    def _pad(self, y):
-        """Reflect-pad bottom/right to multiples of ``pad_multiple`` (official ``sample_func``).
-
-        Where the padding is not smaller than the side (which the official code cannot reflect and
-        rejects) the reflection is repeated until the size is reached.
-        """
-        m = self.pad_multiple
-        h, w = y.shape[-2:]
-        ph, pw = (-h) % m, (-w) % m
-        while ph > 0 or pw > 0:
-            sh, sw = min(ph, y.shape[-2] - 1), min(pw, y.shape[-1] - 1)
-            if sh == 0 and sw == 0:
-                y = F.pad(y, (0, pw, 0, ph), mode='replicate')
-                break
-            y = F.pad(y, (0, sw, 0, sh), mode='reflect')
-            ph, pw = ph - sh, pw - sw
-        return y
-
     def _sample_patch(self, y0, generator):
         """(B, 3, h, w) in [-1, 1] -> (B, 3, sf*h, sf*w) in [-1, 1] (official ``sample_func``)."""
         ori_h, ori_w = y0.shape[-2:]
-        y0 = self._pad(y0)
+        y0, _ = pad_to_multiple(y0, self.pad_multiple)
         kwargs = None
         if self.cond_lq:
             # latent space: the UNet sees the LR image; pixel space: it works at HR size and sees the LR
@@ -308,7 +256,7 @@ class ResShiftTeacher(nn.Module):
             cond = y0 if self.autoencoder is not None else F.interpolate(y0, scale_factor=self.diffusion.sf,
                                                                          mode='bicubic')
             kwargs = {'lq': cond}
-        with self._autocast():
+        with autocast(self.precision, self.device):
             out = self.diffusion.p_sample_loop(y0, self.unet, self.autoencoder, generator=generator,
                                                model_kwargs=kwargs)
         sf = self.diffusion.sf
@@ -374,5 +322,38 @@ class ResShiftTeacher(nn.Module):
         return self.sample(lq, generator=generator)
 
 
-__all__ = ['ResShiftTeacher', 'TeacherOptionError', 'DiffusionOptionError', 'SAMPLER_DEFAULTS', 'PRECISIONS',
-           'DIFFUSION_DEFAULTS']
+def build_teacher(opt, random_weights=False, seed=0, **overrides):
+    """The one way to build a :class:`ResShiftTeacher`: from an option file or dict.
+
+    ``overrides`` replace ``sampler`` values (see :meth:`ResShiftTeacher.from_options`). With
+    ``random_weights`` the networks keep their (seeded) initialisation and the ``ckpt`` keys are ignored
+    (benchmarks without the release files).
+    """
+    if not random_weights:
+        return ResShiftTeacher.from_options(opt, **overrides)
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    import dtkd_arch  # noqa: F401  (registers the architectures)
+
+    opt, _ = _load_options(opt)
+    torch.manual_seed(seed)
+    nets = {}
+    for block in ('unet', 'autoencoder'):
+        params = dict(opt.get(block) or {})
+        if not params:
+            nets[block] = None
+            continue
+        params.pop('ckpt', None)
+        arch = params.pop('type')
+        nets[block] = ARCH_REGISTRY.get(arch)(**params)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    sampler = {**SAMPLER_DEFAULTS, **(opt.get('sampler') or {}), **given}
+    pad = sampler['pad_multiple']
+    if pad is None:
+        pad = opt['unet'].get('lq_size', 64)
+    return ResShiftTeacher(nets['unet'], nets['autoencoder'], opt['diffusion'], steps=sampler['steps'],
+                           chop_size=sampler['chop_size'], chop_stride=sampler['chop_stride'], pad_multiple=pad,
+                           precision=sampler['precision'], device=sampler['device'])
+
+
+__all__ = ['build_teacher', 'ResShiftTeacher', 'SAMPLER_DEFAULTS', 'PRECISIONS', 'DIFFUSION_DEFAULTS']

@@ -2,9 +2,9 @@
 
 Same flags as ``basicsr/train.py``: ``--launcher {none,pytorch,slurm}``, ``--auto_resume``,
 ``--debug``, ``--local_rank``, ``--force_yml``. Multi-GPU / multi-node / multi-process CPU:
-``torchrun --nproc_per_node=N -m dtkd_model.train -opt ... --launcher pytorch``.
+``torchrun --nproc_per_node=N -m dtkd.train -opt ... --launcher pytorch``.
 """
-from dtkd_model.launch import run
+from dtkd.launch import run
 
 
 def main():
