@@ -21,6 +21,7 @@ there) and :func:`dtkd_model.options.check_paths` the paths; then
 """
 import argparse
 import collections
+import importlib
 import os
 import random
 import sys
@@ -30,18 +31,16 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from dtkd.basicsr_plugin import PACKAGES
 from dtkd_compat import OptionError
 from dtkd_model.options import check_paths, validate_options
 from dtkd_utils.options import load_yaml
 
 
 def register_all():
-    """Import every DTKD package so its classes enter BasicSR's registries."""
-    import dtkd_arch  # noqa: F401
-    import dtkd_data  # noqa: F401
-    import dtkd_loss  # noqa: F401
-    import dtkd_metric  # noqa: F401
-    import dtkd_model  # noqa: F401
+    """Import every DTKD package so its classes enter BasicSR's registries (errors propagate)."""
+    for name in PACKAGES:
+        importlib.import_module(name)
 
 
 def apply_force_yml(opt, entries):

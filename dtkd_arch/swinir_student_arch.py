@@ -13,6 +13,8 @@ so checkpoints load both ways with ``strict=True``, and the same computation. Tw
 The paper's SwinIR-small: ``embed_dim=60, depths=[6, 6, 6, 6], num_heads=[6, 6, 6, 6],
 window_size=8, mlp_ratio=2, upsampler='pixelshuffledirect'``, 929,628 parameters.
 """
+import inspect
+
 from basicsr.archs.swinir_arch import SwinIR
 from basicsr.utils.registry import ARCH_REGISTRY
 
@@ -27,10 +29,17 @@ class SwinIRStudent(SwinIR):
     Input (B, C, H, W) in [0, img_range-scaled] as SwinIR; output (B, C, upscale*H, upscale*W).
     """
 
-    def __init__(self, *args, precision='fp32', **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, precision='fp32', **kwargs):
+        # BasicSR's SwinIR swallows unknown keyword arguments; a misspelt option must not pass silently.
+        signature = inspect.signature(SwinIR.__init__).parameters
+        known = [n for n in signature if n not in ('self', 'kwargs')]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise ValueError(f'network_g.{unknown[0]}: not an option of SwinIR (known: precision, {", ".join(known)})')
         if precision not in PRECISIONS:
             raise ValueError(f'network_g.precision: expected one of {", ".join(PRECISIONS)}, got {precision!r}')
+        super().__init__(**kwargs)
+        self.window_size = kwargs.get('window_size', signature['window_size'].default)
         self.precision = precision
 
     def forward(self, x):

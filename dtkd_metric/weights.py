@@ -96,6 +96,18 @@ METRIC_WEIGHTS = {
 LOWER_IS_BETTER = ('calculate_lpips', 'calculate_niqe')
 
 
+class MissingWeightsError(MissingFileError):
+    """Pretrained weights of configured metrics are not on disk: ``error.problems`` lists one line per
+    missing file; ``str(error)`` is the whole message for the user."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__(missing_weights_message(self.problems))
+
+    def __str__(self):
+        return missing_weights_message(self.problems)
+
+
 def torch_hub_dir():
     """``torch.hub.get_dir()``, read at call time so ``TORCH_HOME`` set later still counts."""
     import torch
@@ -192,7 +204,7 @@ def resolve_metrics(metrics_opt):
         message per skipped metric.
 
     Raises:
-        MissingFileError: a metric that is not optional has missing weights (all of them listed).
+        MissingWeightsError: a metric that is not optional has missing weights (all of them listed).
         OptionError: an entry has no or an unknown ``type``, or a bad ``optional`` / ``better``.
     """
     metrics_opt = _validate_metrics_opt(metrics_opt)
@@ -209,7 +221,7 @@ def resolve_metrics(metrics_opt):
         else:
             problems.extend(missing)
     if problems:
-        raise MissingFileError(problems)
+        raise MissingWeightsError(problems)
     return runnable, warnings
 
 
@@ -220,7 +232,7 @@ def check_metric_weights(metrics_opt, raise_error=True):
 
     Args:
         metrics_opt: ``opt['val']['metrics']`` or None.
-        raise_error: raise :class:`MissingFileError` when something is missing (default);
+        raise_error: raise :class:`MissingWeightsError` when something is missing (default);
             with False, return the problems instead.
 
     Returns:
@@ -232,5 +244,5 @@ def check_metric_weights(metrics_opt, raise_error=True):
         if not opt.get('optional', False):
             problems.extend(metric_weight_problems(name, opt))
     if problems and raise_error:
-        raise MissingFileError(problems)
+        raise MissingWeightsError(problems)
     return problems

@@ -8,7 +8,7 @@ import os
 
 import yaml
 
-from dtkd_compat import OptionError
+from dtkd_compat import MissingFileError, OptionError
 
 
 def load_yaml(path, key=None):
@@ -16,7 +16,7 @@ def load_yaml(path, key=None):
     option ``key`` that gave its path, when there is one)."""
     where = f'{key}: ' if key else ''
     if not os.path.isfile(path):
-        raise OptionError(f'{where}option file {path!r} does not exist')
+        raise MissingFileError(f'{where}option file {path!r} does not exist')
     with open(path, encoding='utf-8') as f:
         try:
             opt = yaml.safe_load(f)

@@ -19,56 +19,33 @@ from dtkd_compat import OptionError
 
 
 def machine_description(device):
-    """One line: CPU model and threads, or GPU name, with the torch version."""
+    """One line: CPU model, logical CPUs, bf16 matrix instructions, torch version and threads; GPU name on CUDA."""
+    from dtkd_utils.device import cpu_flags
+
     cpu = platform.processor() or platform.machine()
     try:
         with open('/proc/cpuinfo') as f:
             cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
     except (OSError, StopIteration):
         pass
-    flags = ''
-    try:
-        with open('/proc/cpuinfo') as f:
-            text = f.read()
-        if 'amx_bf16' in text:
-            flags = ', AMX-BF16'
-        elif 'avx512_bf16' in text:
-            flags = ', AVX512-BF16'
-    except OSError:
-        pass
-    desc = f'{cpu} ({os.cpu_count()} logical CPUs{flags}), torch {torch.__version__}, {torch.get_num_threads()} threads'
+    flags = cpu_flags() or set()
+    bf16 = ', AMX-BF16' if 'amx_bf16' in flags else ', AVX512-BF16' if 'avx512_bf16' in flags else ''
+    desc = f'{cpu} ({os.cpu_count()} logical CPUs{bf16}), torch {torch.__version__}, {torch.get_num_threads()} threads'
     if device.type == 'cuda':
         desc = f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host: {desc}'
     return desc
 
 
-def pick_device(name):
-    from dtkd_utils.device import pick_device as pick
-
-    return pick(name)
-
-
 def reduced_precisions(device):
-    """Reduced precisions worth timing: fp16 and bf16 on GPU; bf16 on CPUs with bf16 matrix instructions
-    (elsewhere torch's bf16 kernels are many times slower than fp32)."""
+    """Reduced precisions worth timing on ``device``: fp16 (and bf16 where supported) on CUDA; bf16 on CPUs
+    with bf16 matrix instructions (``cpu_supports_bf16``; elsewhere torch's bf16 kernels are many times
+    slower than fp32), else none."""
     from dtkd_utils.device import cpu_supports_bf16
 
+    device = torch.device(device)
     if device.type == 'cuda':
-        return ['fp16', 'bf16']
+        return ['fp16'] + (['bf16'] if torch.cuda.is_bf16_supported() else [])
     return ['bf16'] if cpu_supports_bf16() else []
-
-
-def check_precision(precision, device):
-    if precision not in ('fp32', 'bf16', 'fp16'):
-        raise OptionError(f"--precision: expected fp32, bf16 or fp16, got {precision!r}")
-    if precision == 'fp16' and device.type != 'cuda':
-        raise OptionError('--precision fp16: autocast fp16 needs a CUDA device (use bf16 on the CPU)')
-
-
-def autocast(precision, device):
-    if precision == 'fp32':
-        return torch.autocast(device_type=device.type, enabled=False)
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == 'bf16' else torch.float16)
 
 
 def sync(device):
@@ -141,6 +118,18 @@ def interleaved(fns, repeats, warmup, device):
             sync(device)
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def speedup_table(times, baseline):
+    """Markdown table of ``interleaved`` times: median and minimum ms, and the speed-up against ``baseline``
+    as the ratio of medians and as the median of the per-round ratios (paired: robust to machine noise)."""
+    base = times[baseline]
+    rows = []
+    for name, ts in times.items():
+        paired = statistics.median(b / t for b, t in zip(base, ts))
+        rows.append([name, f'{statistics.median(ts) * 1e3:.1f}', f'{min(ts) * 1e3:.1f}',
+                     f'{statistics.median(base) / statistics.median(ts):.2f}x', f'{paired:.2f}x'])
+    return markdown_table(['variant', 'median ms', 'min ms', 'speed-up (medians)', 'speed-up (paired)'], rows)
 
 
 def median_time(fn, device, repeats, warmup):
@@ -249,13 +238,14 @@ def prepare_teacher_run(args):
     """
     from dtkd_teacher.cache import load_teacher_options
     from dtkd_teacher.teacher import build_teacher
+    from dtkd_utils.device import check_precision, pick_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     precisions = args.precision or ['fp32'] + reduced_precisions(device)
     for p in precisions:
-        check_precision(p, device)
+        check_precision(p, device, '--precision')
     size = parse_size(args.lr_size)
     opt = load_teacher_options(args.opt, device=str(device))
     teacher = build_teacher(opt, random_weights=args.random_weights)

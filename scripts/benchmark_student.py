@@ -1,36 +1,30 @@
-"""Speed of the SwinIR-small student: BasicSR's SwinIR against FastSwinIR (fp32 and reduced precision).
+"""Speed of the SwinIR-small student: BasicSR's SwinIR (fp32, eager) against what PyTorch offers.
 
-Measured side by side in one run: every round runs each variant once, in a rotating order, so
-that machine noise hits all variants alike; the tables give medians and the median of per-round
-speed-ups. Also checks that FastSwinIR fp32 equals BasicSR's SwinIR on the same weights, and the
-PSNR of the reduced-precision output against fp32 on photographs shipped with scikit-image.
-On the CPU, FastSwinIR fp32 also runs without its compiled C++ kernels (``dtkd_arch.cpu_kernels``:
-window attention and LayerNorm, then in PyTorch operations), and with its fully connected layers
-fixed to BLAS and to oneDNN next to the default per-shape choice (``dtkd_arch.cpu_ops``), whose
-picks are printed at the end; bf16 is timed only on CPUs with bf16 instructions (elsewhere it is
-many times slower than fp32).
+Variants (``variants``): SwinIRStudent with the same weights in fp32; under autocast in the reduced
+precisions that pay on the device (fp16, and bf16 where supported, on CUDA; bf16 on CPUs with bf16
+matrix instructions, ``dtkd_utils.device.cpu_supports_bf16``; elsewhere torch's bf16 runs many times
+slower than fp32 and is not timed); in channels-last memory format; and, with ``--compile``, wrapped in
+``torch.compile`` (fp32 and each reduced precision; compiling costs minutes on a CPU).
+
+Measured side by side in one process: every round runs each variant once, in a rotated order, so that
+machine noise hits all alike; the tables give medians and the speed-up against BasicSR's SwinIR, as
+the ratio of medians and as the median of per-round ratios. Timed: inference on one LR image of each
+``--sizes``, and a training iteration (forward + L1 + backward + Adam, batch ``--batch``, LR
+``--train-size``). First, an accuracy check on photographs shipped with scikit-image: fp32 variants must
+equal BasicSR's SwinIR (max abs difference <= 1e-5, images in [0, 1]), reduced precisions must reach a
+PSNR >= 45 dB against it; the script exits with status 1 if one does not.
 
     python scripts/benchmark_student.py [--sizes 64 128] [--repeats 9] [--train-iters 7] [--threads 2]
         [--device auto|cpu|cuda] [--weights net_g.pth] [--compile] [--no-train] [--no-inference]
-        [--default-malloc]
 
-Without --weights the networks have BasicSR's random initialisation (speed does not depend on
-the values; the PSNR check is then a check of arithmetic, not of a trained model).
-
-On Linux with glibc, the script first tells malloc to keep freed memory (``steady_malloc``) for all
-variants alike: by default glibc returns the hundreds of MiB that a training iteration frees to the
-system and maps them again in the next one (hundreds of thousands of page faults per iteration
-here), which makes CPU training times depend on the heap's history more than on the network.
-``--default-malloc`` measures with glibc's defaults instead. The same effect for any program:
-``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647``, or jemalloc/tcmalloc.
+Without --weights the networks have BasicSR's seeded random initialisation (speed does not depend on
+the values; the accuracy check is then a check of arithmetic, not of a trained model).
 """
 import argparse
-import contextlib
 import math
 import os
-import platform
-import statistics
 import sys
+from collections import namedtuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,101 +35,57 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from basicsr.archs.swinir_arch import SwinIR  # noqa: E402
-from benchmark_common import interleaved  # noqa: E402
+from benchmark_common import interleaved, machine_description, markdown_table, speedup_table  # noqa: E402
 
-from dtkd_arch import cpu_kernels  # noqa: E402
-from dtkd_arch.cpu_ops import linear_choices, using_linear_backend  # noqa: E402
-from dtkd_arch.fast_swinir_arch import FastSwinIR, cpu_supports_bf16  # noqa: E402
+from dtkd.infer import PAPER_STUDENT  # noqa: E402
+from dtkd_arch.swinir_student_arch import SwinIRStudent  # noqa: E402
+from dtkd_compat import OptionError  # noqa: E402
+from dtkd_utils.device import pick_device  # noqa: E402
 
-STUDENT = dict(upscale=4, img_size=64, window_size=8, img_range=1., depths=[6, 6, 6, 6], embed_dim=60,
-               num_heads=[6, 6, 6, 6], mlp_ratio=2, upsampler='pixelshuffledirect', resi_connection='1conv')
-PAPER_LATENCY_MS = 19.09  # SwinIR-small inference time reported in the DTKD paper (its GPU)
-# CPU variants of FastSwinIR fp32: name -> (fully connected layers, compiled attention kernel). 'auto' is the
-# per-shape choice of dtkd_arch.cpu_ops; 'blas' (F.linear) and 'onednn' (1x1 convolution) fix one library.
-CPU_VARIANTS = {'FastSwinIR fp32, no C++ kernels': ('auto', False),
-                'FastSwinIR fp32, BLAS linear': ('blas', True),
-                'FastSwinIR fp32, oneDNN linear': ('onednn', True)}
-
-
-@contextlib.contextmanager
-def cpu_variant(linear='auto', kernels=True):
-    with using_linear_backend(linear), cpu_kernels.using_kernels(kernels):
-        yield
+STUDENT = {k: v for k, v in PAPER_STUDENT.items() if k != 'type'}
+REFERENCE = 'BasicSR SwinIR fp32'
+PAPER_LATENCY_MS = 19.09  # SwinIR-small inference time reported in the DTKD paper (its GPU, 64x64 LR)
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'camera', 'brick')
+FP32_ATOL, MIN_PSNR = 1e-5, 45.0
+
+Variant = namedtuple('Variant', 'name precision channels_last compiled')
 
 
-def machine(device):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    cpu = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    lines = [f'- CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, '
-             f'bf16 matrix instructions (AMX/AVX512-BF16): {cpu_supports_bf16()}',
-             f'- torch {torch.__version__}, Python {platform.python_version()}']
-    if device == 'cuda':
-        lines.append(f'- GPU: {torch.cuda.get_device_name(0)}')
-    return '\n'.join(lines)
+def variants(device, compile=False):
+    """The SwinIRStudent variants timed against BasicSR's SwinIR on ``device``."""
+    from benchmark_common import reduced_precisions
+
+    reduced = reduced_precisions(device)
+    out = [Variant('SwinIRStudent fp32', 'fp32', False, False)]
+    out += [Variant(f'SwinIRStudent {p} autocast', p, False, False) for p in reduced]
+    out.append(Variant('SwinIRStudent fp32 channels-last', 'fp32', True, False))
+    if compile:
+        out += [Variant(f'SwinIRStudent {p} torch.compile', p, False, True) for p in ['fp32'] + reduced]
+    return out
 
 
-def steady_malloc():
-    """glibc: serve blocks up to 32 MiB from the heap and never trim it, so that a loop that frees and
-    allocates the same sizes reuses memory instead of faulting in fresh pages. Returns a description."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library('c')
-    if not name or platform.system() != 'Linux':
-        return 'default allocator (not glibc)'
-    try:
-        libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
-    except (OSError, AttributeError):
-        ok = False
-    return 'glibc malloc, mmap threshold 32 MiB, no trimming' if ok else 'default allocator (mallopt failed)'
-
-
-def table(title, times, baseline, extra=None):
-    """Markdown table: median ms and speed-up against ``baseline`` (ratio of medians, median of ratios)."""
-    base = times[baseline]
-    rows = [f'\n### {title}\n', '| variant | median ms | min ms | speed-up (medians) | speed-up (paired) |'
-            + (' paper |' if extra else ''), '|---|---:|---:|---:|---:|' + ('---:|' if extra else '')]
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        ratio = statistics.median(base) / med
-        paired = statistics.median(b / t for b, t in zip(base, ts))
-        row = f'| {name} | {med * 1e3:.1f} | {min(ts) * 1e3:.1f} | {ratio:.2f}x | {paired:.2f}x |'
-        if extra:
-            row += f' {extra.get(name, "")} |'
-        rows.append(row)
-    print('\n'.join(rows), flush=True)
-
-
-def build(args, device):
-    torch.manual_seed(0)
+def build(vs, state_dict, device, train):
+    """{name: (network, channels_last)}: BasicSR's SwinIR first, then every variant, all with ``state_dict``."""
     ref = SwinIR(**STUDENT)
-    if args.weights:
-        from dtkd_arch.checkpoint import load_pretrained
+    ref.load_state_dict(state_dict)
+    nets = {REFERENCE: (ref.to(device).train(train), False)}
+    for v in vs:
+        net = SwinIRStudent(**STUDENT, precision=v.precision)
+        net.load_state_dict(state_dict)
+        net = net.to(device).train(train)
+        if v.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        nets[v.name] = (torch.compile(net, dynamic=False) if v.compiled else net, v.channels_last)
+    return nets
 
-        load_pretrained(ref, args.weights, strict=True, what='SwinIR-small student')
-    ref = ref.to(device).eval()
-    fast = {}
-    for precision in args.precisions:
-        model = FastSwinIR(**STUDENT, precision=precision, use_compile=args.compile)
-        model.load_state_dict(ref.state_dict(), strict=True)
-        fast[precision] = model.to(device).eval()
-    return ref, fast
+
+def layout(x, channels_last):
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def photos_lr(size):
     from skimage import data
 
-    out = []
     for name in PHOTOS:
         img = getattr(data, name)()
         if img.ndim == 2:
@@ -144,9 +94,7 @@ def photos_lr(size):
         side = min(img.shape[-2:])
         top, left = (img.shape[-2] - side) // 2, (img.shape[-1] - side) // 2
         img = img[..., top:top + side, left:left + side]
-        lr = F.interpolate(img, size=(size, size), mode='bicubic', antialias=True, align_corners=False)
-        out.append((name, lr.clamp(0, 1)))
-    return out
+        yield F.interpolate(img, size=(size, size), mode='bicubic', antialias=True, align_corners=False).clamp(0, 1)
 
 
 def psnr(a, b):
@@ -154,143 +102,118 @@ def psnr(a, b):
     return float('inf') if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def accuracy(ref, fast, device, size):
-    print(f'\n### Accuracy on photographs (skimage.data, centre crop, bicubic down to {size}x{size} LR)\n')
-    precisions = [p for p in fast if p != 'fp32']
-    print('| photo | FastSwinIR fp32 vs BasicSR: max abs |' + ''.join(f' {p} vs fp32 PSNR dB |' for p in precisions))
-    print('|---|---:|' + '---:|' * len(precisions))
-    worst = {p: float('inf') for p in precisions}
-    with torch.no_grad():
-        for name, lr in photos_lr(size):
+def accuracy(nets, vs, device, size):
+    """Print the worst max abs difference and PSNR of each variant against BasicSR's SwinIR; True if all pass."""
+    worst = {v.name: [0.0, float('inf')] for v in vs}
+    with torch.inference_mode():
+        for lr in photos_lr(size):
             lr = lr.to(device)
-            expected = ref(lr)
-            diff = (fast['fp32'](lr) - expected).abs().max().item() if 'fp32' in fast else float('nan')
-            cells = []
-            for p in precisions:
-                value = psnr(fast[p](lr).float(), expected)
-                worst[p] = min(worst[p], value)
-                cells.append(f'{value:.2f}')
-            print(f'| {name} | {diff:.2e} |' + ''.join(f' {cell} |' for cell in cells))
-    for p in precisions:
-        print(f'\nlowest {p} PSNR against fp32: {worst[p]:.2f} dB (requirement: >= 45 dB)')
+            expected = nets[REFERENCE][0](lr).float()
+            for v in vs:
+                net, channels_last = nets[v.name]
+                out = net(layout(lr, channels_last)).float()
+                worst[v.name][0] = max(worst[v.name][0], (out - expected).abs().max().item())
+                worst[v.name][1] = min(worst[v.name][1], psnr(out, expected))
+    rows, ok = [], True
+    for v in vs:
+        diff, value = worst[v.name]
+        passed = diff <= FP32_ATOL if v.precision == 'fp32' else value >= MIN_PSNR
+        ok &= passed
+        need = f'max abs <= {FP32_ATOL:g}' if v.precision == 'fp32' else f'PSNR >= {MIN_PSNR:g} dB'
+        rows.append([v.name, f'{diff:.2e}', f'{value:.2f}', need, 'yes' if passed else 'NO'])
+    print(f'\n### Accuracy against {REFERENCE} ({len(PHOTOS)} skimage.data photographs, centre crop, bicubic '
+          f'down to {size}x{size} LR; worst photograph)\n')
+    print(markdown_table(['variant', 'max abs difference', 'PSNR dB', 'requirement', 'passed'], rows))
+    return ok
 
 
-def inference(ref, fast, device, args):
+def inference(nets, device, args):
     for size in args.sizes:
         x = torch.rand(1, 3, size, size, device=device)
 
-        def runner(model, x=x, variant=('auto', True)):
+        def runner(net, x):
             def run():
-                with cpu_variant(*variant), torch.inference_mode():
-                    model(x)
+                with torch.inference_mode():
+                    net(x)
             return run
 
-        fns = {'BasicSR SwinIR fp32': runner(ref)}
-        fns.update({f'FastSwinIR {p}': runner(m) for p, m in fast.items()})
-        if device == 'cpu' and 'fp32' in fast:
-            fns.update({name: runner(fast['fp32'], variant=v) for name, v in CPU_VARIANTS.items()})
-        times = interleaved(fns, args.repeats, args.warmup, device)
-        extra = None
-        if device == 'cuda' and size == 64:
-            extra = {name: f'{PAPER_LATENCY_MS} ms' for name in times}
-        table(f'Inference, {device}, 1x3x{size}x{size} LR -> x4', times, 'BasicSR SwinIR fp32', extra)
+        times = interleaved({name: runner(net, layout(x, cl)) for name, (net, cl) in nets.items()},
+                            args.repeats, args.warmup, device)
+        print(f'\n### Inference, {device}, 1x3x{size}x{size} LR -> x4 ({args.repeats} rounds after {args.warmup} '
+              f'warm-up)\n')
+        print(speedup_table(times, REFERENCE))
+        if device.type == 'cuda' and size == 64:
+            print(f'\nThe DTKD paper reports {PAPER_LATENCY_MS} ms for SwinIR-small at this size on its GPU.')
 
 
-def training(device, args):
-    torch.manual_seed(0)
-    ref = SwinIR(**STUDENT).to(device).train()
-    models = {'BasicSR SwinIR fp32': ref}
-    for precision in args.train_precisions:
-        model = FastSwinIR(**STUDENT, precision=precision, use_compile=args.compile)
-        model.load_state_dict(ref.state_dict())
-        models[f'FastSwinIR {precision}'] = model.to(device).train()
-    if device == 'cpu':
-        for name in CPU_VARIANTS:
-            model = FastSwinIR(**STUDENT, use_compile=args.compile)
-            model.load_state_dict(ref.state_dict())
-            models[name] = model.to(device).train()
-    x = torch.rand(args.batch, 3, 64, 64, device=device)
-    gt = torch.rand(args.batch, 3, 256, 256, device=device)
+def training(nets, vs, device, args):
+    s = args.train_size
+    x = torch.rand(args.batch, 3, s, s, device=device)
+    gt = torch.rand(args.batch, 3, 4 * s, 4 * s, device=device)
+    precision = {v.name: v.precision for v in vs}
     fns = {}
-    for name, model in models.items():
-        opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.99))
+    for name, (net, channels_last) in nets.items():
+        opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.9, 0.99))
+        scaler = torch.amp.GradScaler(device.type, enabled=precision.get(name) == 'fp16')
 
-        variant = CPU_VARIANTS.get(name, ('auto', True))
-
-        def step(model=model, opt=opt, variant=variant):
-            with cpu_variant(*variant):
-                opt.zero_grad(set_to_none=True)
-                loss = F.l1_loss(model(x), gt)
-                loss.backward()
-                opt.step()
+        def step(net=net, opt=opt, scaler=scaler, x=layout(x, channels_last)):
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(F.l1_loss(net(x), gt)).backward()
+            scaler.step(opt)
+            scaler.update()
         fns[name] = step
     times = interleaved(fns, args.train_iters, args.train_warmup, device)
-    table(f'Training iteration, {device}: forward + L1 + backward + Adam, batch {args.batch}, 64x64 LR',
-          times, 'BasicSR SwinIR fp32')
+    print(f'\n### Training iteration, {device}: forward + L1 + backward + Adam, batch {args.batch}, {s}x{s} LR '
+          f'({args.train_iters} rounds after {args.train_warmup} warm-up)\n')
+    print(speedup_table(times, REFERENCE))
 
 
-def print_linear_choices():
-    """What the 'auto' linear backend picked, per pass: how many layer shapes went to each library."""
-    counts = {}
-    for (pass_, *_), choice in linear_choices().items():
-        counts.setdefault(pass_, {}).setdefault(choice, 0)
-        counts[pass_][choice] += 1
-    if counts:
-        parts = [f'{p}: ' + ', '.join(f'{c} {n}' for c, n in sorted(v.items())) for p, v in counts.items()]
-        print(f'\nFully connected layers, per-shape choice of the default (auto) backend: {"; ".join(parts)} '
-              '(layer shapes x row counts)')
-
-
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--sizes', type=int, nargs='+', default=[64, 128], help='LR sizes for inference')
     parser.add_argument('--repeats', type=int, default=9, help='timed rounds per inference size')
-    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--warmup', type=int, default=2, help='untimed inference rounds')
     parser.add_argument('--train-iters', type=int, default=7, help='timed training rounds')
     parser.add_argument('--train-warmup', type=int, default=3, help='untimed training rounds')
     parser.add_argument('--batch', type=int, default=4, help='training batch size')
-    parser.add_argument('--default-malloc', action='store_true',
-                        help="keep glibc's default malloc settings (see the module docstring)")
+    parser.add_argument('--train-size', type=int, default=64, help='training LR patch side (GT is 4x)')
+    parser.add_argument('--psnr-size', type=int, default=64, help='LR side of the photographs of the accuracy check')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
-    parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    parser.add_argument('--device', default='auto', help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'")
     parser.add_argument('--weights', default=None, help='optional SwinIR-small checkpoint (BasicSR format)')
-    parser.add_argument('--compile', action='store_true', help='also wrap FastSwinIR in torch.compile')
+    parser.add_argument('--compile', action='store_true', help='also time torch.compile variants (slow to compile)')
     parser.add_argument('--no-train', action='store_true', help='skip the training-iteration benchmark')
     parser.add_argument('--no-inference', action='store_true', help='skip the accuracy and inference benchmarks')
-    parser.add_argument('--psnr-size', type=int, default=64, help='LR size of the photographs for the PSNR check')
-    args = parser.parse_args()
-    allocator = 'glibc defaults' if args.default_malloc else steady_malloc()
+    args = parser.parse_args(argv)
+    try:
+        device = pick_device(args.device)
+    except OptionError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
-    if args.device != 'auto':
-        if args.device == 'cuda' and not torch.cuda.is_available():
-            parser.error('--device cuda: no CUDA device is available')
-        devices = [args.device]
-    for device in devices:
-        if device == 'cpu':
-            args.precisions = ['fp32'] + (['bf16'] if cpu_supports_bf16() else [])
-        else:
-            args.precisions = ['fp32', 'fp16'] + (['bf16'] if torch.cuda.is_bf16_supported() else [])
-        args.train_precisions = ['fp32'] + (['bf16'] if 'bf16' in args.precisions else [])
-        print(f'\n## SwinIR-small (929,628 parameters) on {device}\n')
-        print(machine(device))
-        print(f'- memory allocator: {allocator}')
-        if device == 'cpu':
-            if cpu_kernels.available():
-                print(f'- attention: compiled kernel ({cpu_kernels.build_name()}, dtkd_arch/csrc)')
-            else:
-                print(f'- attention: PyTorch operations (the compiled kernel is unavailable: '
-                      f'{cpu_kernels.build_error() or "switched off"})')
-        if not args.no_inference:
-            ref, fast = build(args, device)
-            accuracy(ref, fast, device, args.psnr_size)
-            inference(ref, fast, device, args)
-        if not args.no_train:
-            training(device, args)
-        if device == 'cpu':
-            print_linear_choices()
+    torch.manual_seed(0)
+    ref = SwinIR(**STUDENT)
+    if args.weights:
+        from dtkd_arch.checkpoint import load_pretrained
+
+        load_pretrained(ref, args.weights, strict=True, what='SwinIR-small student', option_key='--weights')
+    state_dict = ref.state_dict()
+    vs = variants(device, args.compile)
+    print(f'\n## SwinIR-small ({sum(p.numel() for p in ref.parameters()):,} parameters) on {device}\n')
+    print(f'- machine: {machine_description(device)}')
+    print(f'- weights: {args.weights or "random (seeded BasicSR initialisation)"}')
+    print(f'- reference: {REFERENCE} (eager); variants: {", ".join(v.name for v in vs)}')
+    ok = True
+    if not args.no_inference:
+        nets = build(vs, state_dict, device, train=False)
+        ok = accuracy(nets, vs, device, args.psnr_size)
+        inference(nets, device, args)
+        del nets
+    if not args.no_train:
+        training(build(vs, state_dict, device, train=True), vs, device, args)
+    return 0 if ok else 1
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -5,34 +5,38 @@
 
 The graph takes ``lq``: (1, C, H, W) float32 RGB in [0, 1] (any H, W >= the window size) and returns
 ``sr``: (1, C, scale*H, scale*W), with the reflect padding to the window size and the crop back inside
-the graph. What is exported is BasicSR's ``SwinIR`` (the reference implementation FastSwinIR is
-equal to; same checkpoint), with its shifted-window attention mask computed in the graph from the
-padded input size (as BasicSR does for sizes other than the training size) rather than stored for
-one size, so one file serves every size. The export uses ``torch.onnx.export(dynamo=True)``. The batch
-is fixed at one image: exported with a dynamic batch (traced at two), the graph gave wrong results
-for single images (differences of 3e-3) with torch 2.14.1 / onnxscript 0.7.2.
+the graph. For SwinIR students (``SwinIRStudent``, or BasicSR's ``SwinIR``: same checkpoint) what is
+traced is BasicSR's ``SwinIR``, with its shifted-window attention mask computed in the graph from the
+padded input size rather than stored for one size, so one file serves every size. The export traces
+the network once at a fixed example size with ``torch.onnx.export(dynamo=False)`` and marks height and
+width as dynamic axes (a few seconds; the torch.export-based exporter takes minutes for the same graph).
+The batch is fixed at one image.
 
 The check runs the exported file with onnxruntime on inputs of several sizes (odd sizes included,
 a real photograph among them) and prints the largest absolute difference from the PyTorch
-network as ``dtkd-infer`` runs it (FastSwinIR in fp32); the script fails if it exceeds ``--atol``.
+network as ``dtkd-infer`` runs it (fp32); the script fails if it exceeds ``--atol``.
 """
 import argparse
+import io
 import os
 import sys
 import time
+import warnings
 
-import dtkd_compat  # noqa: F401  (before basicsr)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dtkd_compat  # noqa: E402, F401  (before basicsr)
 
 # isort: split
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
-from dtkd.infer import build_student, student_options
-from dtkd_compat import OptionError
+from dtkd.infer import build_student, student_options  # noqa: E402
+from dtkd_compat import OptionError  # noqa: E402
 
-SWINIR_TYPES = ('SwinIR', 'FastSwinIR')
+SWINIR_TYPES = ('SwinIR', 'SwinIRStudent')
 
 
 class PaddedSR(nn.Module):
@@ -51,7 +55,7 @@ class PaddedSR(nn.Module):
 
 
 def exportable(network_g, state_dict):
-    """The network to trace: BasicSR's SwinIR with ``state_dict`` for SwinIR/FastSwinIR options (the
+    """The network to trace: BasicSR's SwinIR with ``state_dict`` for SwinIR/SwinIRStudent options (the
     attention mask then follows the input size in the graph), else the registered architecture.
 
     Returns (PaddedSR module in eval mode, window multiple, scale)."""
@@ -62,7 +66,6 @@ def exportable(network_g, state_dict):
     params = dict(network_g)
     arch = params.pop('type')
     params.pop('precision', None)
-    params.pop('use_compile', None)
     if arch in SWINIR_TYPES:
         from basicsr.archs.swinir_arch import SwinIR
 
@@ -85,22 +88,25 @@ def export(module, path, multiple, opset=18, meta=None):
     """Write ``module`` to ``path`` (atomically) for one image of dynamic height and width (>= ``multiple``)."""
     import onnx
 
-    height = torch.export.Dim('height', min=max(multiple, 2), max=8192)
-    width = torch.export.Dim('width', min=max(multiple, 2), max=8192)
-    example = torch.rand(1, 3 if not hasattr(module.net, 'conv_first') else module.net.conv_first.in_channels,
-                         3 * multiple + 5, 4 * multiple + 3)
+    channels = module.net.conv_first.in_channels if hasattr(module.net, 'conv_first') else 3
+    # an example size that needs padding on both sides, so that the padding is traced
+    example = torch.rand(1, channels, 3 * multiple + 5, 4 * multiple + 3)
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # the legacy exporter warns that it is deprecated, and the tracer about values that are constant
+        # for a batch of one (SwinIR's batch size in window_reverse)
+        warnings.simplefilter('ignore')
+        torch.onnx.export(module, (example,), buffer, input_names=['lq'], output_names=['sr'], opset_version=opset,
+                          dynamic_axes={'lq': {2: 'height', 3: 'width'}, 'sr': {2: 'sr_height', 3: 'sr_width'}},
+                          dynamo=False)
+    model = onnx.load_from_string(buffer.getvalue())
+    for key, value in (meta or {}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
     try:
-        with torch.no_grad():
-            program = torch.onnx.export(module, (example,), dynamic_shapes={'x': {2: height, 3: width}},
-                                        input_names=['lq'], output_names=['sr'], opset_version=opset, dynamo=True,
-                                        verbose=False)
-        model = program.model_proto
-        for key, value in (meta or {}).items():
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, str(value)
         onnx.save(model, tmp)
         onnx.checker.check_model(tmp)
         os.replace(tmp, path)

@@ -1,9 +1,9 @@
 """scripts/export_onnx.py: one ONNX file for every input size, equal to the PyTorch student.
 
-The tiny student (TINY_STUDENT, random weights saved as a BasicSR checkpoint) is exported once
-(the export is the slow part, about 25 s on two cores); onnxruntime then runs the file on inputs of
-sizes the export never saw, odd and non-square ones and a real photograph among them, and is compared
-with FastSwinIR, the network ``dtkd-infer`` runs.
+The tiny student (TINY_STUDENT, random weights saved as a BasicSR checkpoint) is exported once,
+traced at one size; onnxruntime then runs the file on inputs of sizes the export never saw, odd and
+non-square ones and a real photograph among them, and is compared with SwinIRStudent, the network
+``dtkd-infer`` runs.
 """
 import contextlib
 import importlib.util
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_STUDENT, photo, write_yaml
-from dtkd_arch.fast_swinir_arch import FastSwinIR
+from dtkd_arch.swinir_student_arch import SwinIRStudent
 
 
 def _script():
@@ -30,13 +30,13 @@ def _script():
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp('onnx')
     torch.manual_seed(0)
-    net = FastSwinIR(**{k: v for k, v in TINY_STUDENT.items() if k != 'type'}).eval()
+    net = SwinIRStudent(**{k: v for k, v in TINY_STUDENT.items() if k != 'type'}).eval()
     # non-trivial relative position biases, so that a wrong mask or bias in the graph shows
     for name, p in net.named_parameters():
         if 'relative_position_bias_table' in name:
             p.data.normal_(0, 1)
     torch.save({'params_ema': net.state_dict()}, root / 'tiny.pth')
-    opt = write_yaml(root / 'tiny.yml', {'network_g': dict(TINY_STUDENT, type='FastSwinIR')})
+    opt = write_yaml(root / 'tiny.yml', {'network_g': dict(TINY_STUDENT, type='SwinIRStudent')})
     script = _script()
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -72,6 +72,6 @@ def test_onnxruntime_matches_pytorch_on_unseen_sizes(exported):
     worst = max(d for _, d in rows)
     assert worst < 1e-5, rows
     # the comparison can fail: another network's output is far away
-    other = FastSwinIR(**{k: v for k, v in TINY_STUDENT.items() if k != 'type'}).eval()
+    other = SwinIRStudent(**{k: v for k, v in TINY_STUDENT.items() if k != 'type'}).eval()
     assert max(d for _, d in script.check(path, other, inputs[:1], threads=1)) > 1e-2
     assert np.isfinite(worst)

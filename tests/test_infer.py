@@ -18,7 +18,7 @@ import torch
 
 from conftest import TINY_STUDENT, photo, tiny_teacher_options, write_yaml
 from dtkd import infer
-from dtkd_arch.fast_swinir_arch import FastSwinIR
+from dtkd_arch.swinir_student_arch import SwinIRStudent
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -36,7 +36,7 @@ def tiny_params():
 def nearest_weights(seed=0):
     """TINY_STUDENT weights (random transformer) that make the network nearest-neighbour x4."""
     torch.manual_seed(seed)
-    sd = FastSwinIR(**tiny_params()).state_dict()
+    sd = SwinIRStudent(**tiny_params()).state_dict()
     sd['conv_first.weight'].zero_()
     sd['conv_first.bias'].zero_()
     for c in range(3):
@@ -52,14 +52,14 @@ def nearest_weights(seed=0):
 
 @pytest.fixture(scope='module')
 def student(tmp_path_factory):
-    """-opt file (network_g = TINY_STUDENT as FastSwinIR) and checkpoints: 'nearest' has random
+    """-opt file (network_g = TINY_STUDENT as SwinIRStudent) and checkpoints: 'nearest' has random
     'params' and the nearest-neighbour weights as 'params_ema'; 'random' is a plain random student."""
     root = tmp_path_factory.mktemp('student')
     torch.manual_seed(1)
-    random_sd = FastSwinIR(**tiny_params()).state_dict()
+    random_sd = SwinIRStudent(**tiny_params()).state_dict()
     torch.save({'params': random_sd, 'params_ema': nearest_weights()}, root / 'nearest.pth')
     torch.save({'params': random_sd}, root / 'random.pth')
-    opt = write_yaml(root / 'student.yml', {'name': 'tiny', 'network_g': dict(TINY_STUDENT, type='FastSwinIR')})
+    opt = write_yaml(root / 'student.yml', {'name': 'tiny', 'network_g': dict(TINY_STUDENT, type='SwinIRStudent')})
     return {'opt': opt, 'nearest': str(root / 'nearest.pth'), 'random': str(root / 'random.pth'), 'root': root,
             'random_sd': random_sd}
 
@@ -141,7 +141,7 @@ def test_exif_orientation_is_applied(student, tmp_path, capsys):
 
 def test_model_alone_is_the_paper_student_and_matches_pytorch(tmp_path, capsys):
     torch.manual_seed(3)
-    net = FastSwinIR(**{k: v for k, v in infer.PAPER_STUDENT.items() if k != 'type'}).eval()
+    net = SwinIRStudent(**{k: v for k, v in infer.PAPER_STUDENT.items() if k != 'type'}).eval()
     torch.save({'params': net.state_dict()}, tmp_path / 'paper.pth')
     img = photo('rocket')[200:219, 300:323]  # 19 x 23: padded to the window inside
     cv2.imwrite(str(tmp_path / 'r.png'), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
@@ -170,7 +170,7 @@ def test_tiles_match_the_whole_image(student, tmp_path, capsys):
     assert diff.max() <= 1 and diff.mean() < 0.01
     assert np.abs(outs['whole'] - up(img)).mean() > 10  # the random network is far from the identity
 
-    net = FastSwinIR(**tiny_params()).eval()
+    net = SwinIRStudent(**tiny_params()).eval()
     net.load_state_dict(student['random_sd'])
     x = torch.from_numpy(img[..., ::-1].copy()).permute(2, 0, 1)[None].float() / 255
     cpu = torch.device('cpu')
@@ -266,9 +266,9 @@ def test_out_of_memory_falls_back_to_smaller_tiles(tmp_path):
     result is then compared with the same tiles run in this process without a limit."""
     from conftest import run_cli
 
-    wide = dict(TINY_STUDENT, type='FastSwinIR', embed_dim=48, num_heads=[6], mlp_ratio=4)
+    wide = dict(TINY_STUDENT, type='SwinIRStudent', embed_dim=48, num_heads=[6], mlp_ratio=4)
     torch.manual_seed(0)
-    net = FastSwinIR(**{k: v for k, v in wide.items() if k != 'type'}).eval()
+    net = SwinIRStudent(**{k: v for k, v in wide.items() if k != 'type'}).eval()
     torch.save({'params': net.state_dict()}, tmp_path / 'wide.pth')
     opt = write_yaml(tmp_path / 'wide.yml', {'network_g': wide})
     img = cv2.cvtColor(photo('astronaut')[0:256, 128:384], cv2.COLOR_RGB2BGR)

@@ -22,7 +22,7 @@ from basicsr.archs.swinir_arch import SwinIR
 
 from conftest import TINY_STUDENT, read_keys
 from dtkd.infer import PAPER_STUDENT
-from dtkd_arch.fast_swinir_arch import FastSwinIR
+from dtkd_arch.swinir_student_arch import SwinIRStudent
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
@@ -40,7 +40,7 @@ def reference():
 def trained_checkpoint(tmp_path_factory):
     """A student checkpoint as training saves it (BasicSR's save_network: params and params_ema)."""
     torch.manual_seed(7)
-    net = FastSwinIR(**params(PAPER_STUDENT))
+    net = SwinIRStudent(**params(PAPER_STUDENT))
     for p in net.parameters():  # away from the initialisation, as after training
         p.data.add_(0.02 * torch.randn_like(p))
     path = tmp_path_factory.mktemp('ckpt') / 'net_g_latest.pth'
@@ -50,19 +50,19 @@ def trained_checkpoint(tmp_path_factory):
 
 def test_student_keys_are_the_official_swinir_keys():
     official = read_keys('swinir_official_keys.txt')
-    for cls in (FastSwinIR, SwinIR):
+    for cls in (SwinIRStudent, SwinIR):
         net = cls(**params(PAPER_STUDENT))
         assert [(k, tuple(v.shape)) for k, v in net.state_dict().items()] == official, cls.__name__
     assert sum(p.numel() for p in net.parameters()) == 929_628
 
 
 def test_official_checkpoint_and_outputs_reproduced(reference):
-    """The official network's weights load strictly into FastSwinIR and BasicSR's SwinIR, and both give
-    the official outputs (the official forward reflect-pads odd sizes; so do FastSwinIR and dtkd-infer)."""
+    """The official network's weights load strictly into SwinIRStudent and BasicSR's SwinIR, and both give
+    the official outputs (the official forward reflect-pads odd sizes; so do SwinIRStudent and dtkd-infer)."""
     from dtkd_arch.tiling import forward_padded
 
     assert reference['config'] == params(TINY_STUDENT)
-    fast = FastSwinIR(**reference['config']).eval()
+    fast = SwinIRStudent(**reference['config']).eval()
     fast.load_state_dict(reference['state_dict'], strict=True)
     basic = SwinIR(**reference['config']).eval()
     basic.load_state_dict(reference['state_dict'], strict=True)

@@ -25,15 +25,10 @@ import yaml
 import dtkd_arch  # noqa: F401  (registers the architectures)
 import dtkd_data  # noqa: F401  (registers the datasets)
 from conftest import REPO, bicubic_down, photo, run_cli, tiny_teacher_options, write_rgb, write_yaml
+from dtkd_compat import OptionError
 from dtkd_data.lmdb_tools import read_meta_info, write_image_lmdb
 from dtkd_data.paired_teacher_dataset import PairedTeacherDataset
-from dtkd_teacher.cache import (
-    OptionError,
-    fixed_cpu_kernels,
-    generate_teacher_outputs,
-    key_seed,
-    png_shape,
-)
+from dtkd_teacher.cache import generate_teacher_outputs, key_seed, png_shape
 
 SCRIPT = os.path.join(REPO, 'scripts', 'generate_teacher_outputs.py')
 STEPS = 2
@@ -78,8 +73,7 @@ def expected_sr(teacher, lq_bgr, key, seed):
     """Independent reference: hashlib seed, one image per sample call, numpy quantisation -> BGR uint8."""
     seed_k = int.from_bytes(hashlib.sha256(f'{seed}:{key}'.encode()).digest()[:8], 'little') & (2**63 - 1)
     lq = torch.from_numpy(lq_bgr[..., ::-1].astype(np.float32) / 255.0).permute(2, 0, 1)[None]
-    with fixed_cpu_kernels():  # as the cache runs the teacher
-        sr = teacher.sample(lq, generator=torch.Generator().manual_seed(seed_k))[0].numpy()
+    sr = teacher.sample(lq, generator=torch.Generator().manual_seed(seed_k))[0].numpy()
     img = np.clip(np.round(np.clip(sr, 0, 1) * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
     return img[..., ::-1]
 
@@ -105,27 +99,6 @@ def reference(teacher_opt, data, tmp_path_factory):
                                      filename_tmpl='{}x4', seed=7, progress=False)
     assert stats['written'] == 3 and stats['total'] == 3
     return out
-
-
-def test_generation_never_chooses_kernels_by_timing(teacher_opt, data, tmp_path, monkeypatch):
-    """Per-process tuning (linear layers' 'auto', convolutions' 'tuned') could make two processes write
-    different bits; the cache runs with fixed kernels and restores the settings afterwards."""
-    from dtkd_arch import cpu_kernels, cpu_ops
-
-    def timed(*args, **kwargs):
-        raise AssertionError(f'kernel chosen by timing: {args[:2]}')
-
-    monkeypatch.setattr(cpu_ops, '_tuned', timed)
-    monkeypatch.setattr(cpu_kernels, '_conv_algorithm', 'tuned')
-    root, _ = data
-    stats = generate_teacher_outputs(teacher_opt, str(root / 'lq'), str(tmp_path / 'out'), gt_path=str(root / 'gt'),
-                                     filename_tmpl='{}x4', seed=7, progress=False, limit=1)
-    assert stats['written'] == 1
-    assert cpu_ops.linear_backend() == 'auto' and cpu_kernels.conv_algorithm() == 'tuned'
-    with fixed_cpu_kernels():
-        assert (cpu_ops.linear_backend(), cpu_kernels.conv_algorithm()) == ('onednn', 'auto')
-    with cpu_ops.using_linear_backend('blas'), cpu_kernels.using_conv_algorithm('direct'), fixed_cpu_kernels():
-        assert (cpu_ops.linear_backend(), cpu_kernels.conv_algorithm()) == ('blas', 'direct')  # fixed: kept
 
 
 def test_folder_cache_equals_per_key_sampling_and_feeds_the_dataset(teacher_opt, data, reference):
