@@ -8,8 +8,10 @@ basicsr 1.4.2 (``basicsr/data/degradations.py``) imports
 Its only use there is ``rgb_to_grayscale``, which the public ``functional`` module still has, so
 a module of the old name that re-exports it is enough.
 """
+import fnmatch
 import importlib
 import os
+import signal
 import sys
 import types
 
@@ -45,6 +47,39 @@ def import_modules(package_name, package_file, suffix):
     return [importlib.import_module(f'{package_name}.{name}') for name in names]
 
 
+# ---------------------------------------------------------------------------------------------- fault injection
+FAULT_ENV = 'DTKD_FAULT_INJECT'
+_fault_counts = {}
+
+
+def fault_point(name):
+    """A named place where the crash tests (``tests/test_crash_*.py``) make the process die; no effect
+    unless the environment variable ``DTKD_FAULT_INJECT`` is set.
+
+    ``DTKD_FAULT_INJECT=<pattern>[@<n>]``: the process sends itself SIGKILL the ``n``-th time (default
+    1st, counted per process) it reaches a point whose name matches the ``fnmatch`` pattern. Points:
+
+    - ``atomic_write.before_replace:<file name>``: :func:`atomic_write` has written, flushed and
+      fsynced the temporary file and is about to rename it over ``<file name>`` (checkpoints,
+      training states, teacher-cache PNGs and ``meta_info.txt``, YAML, result images);
+    - ``save_training_state.saved:<iter>``: the training state of iteration ``<iter>`` is complete
+      (:mod:`dtkd_model.safe_training`);
+    - ``teacher_cache.before_commit``, ``teacher_cache.committed``: an LMDB teacher-cache transaction
+      holds its entries but is not committed / has been committed (:mod:`dtkd_teacher.cache`).
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    pattern, _, nth = spec.partition('@')
+    if not fnmatch.fnmatchcase(name, pattern):
+        return
+    _fault_counts[pattern] = _fault_counts.get(pattern, 0) + 1
+    if _fault_counts[pattern] >= int(nth or 1):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write(path, data, fsync=True, tmp_prefix='.', tmp_suffix=None):
     """Write ``path`` so that it is at every moment either the old file or the complete new one.
 
@@ -66,6 +101,7 @@ def atomic_write(path, data, fsync=True, tmp_prefix='.', tmp_suffix=None):
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
+        fault_point(f'atomic_write.before_replace:{name}')
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -12,7 +12,8 @@ heavy (no torch, no basicsr): it calls :func:`install`, which puts :class:`Basic
    with current torchvision (see there);
 2. once ``basicsr`` is imported (its ``__init__`` imports ``basicsr.archs``, ``.data``, ``.losses``,
    ``.metrics`` and ``.models``, so every registry is filled), removes itself from ``sys.meta_path`` and
-   imports :data:`PACKAGES`, so that the DTKD classes enter the registries.
+   imports :data:`PACKAGES`, so that the DTKD classes enter the registries (and lets ``torch.load``'s
+   weights-only mode read the ``collections.Counter`` in BasicSR's training states).
 
 When ``basicsr`` is first imported by a DTKD module (as in DTKD's own entry points), step 2 would import
 DTKD packages while one of them is half imported; it is then left to the first registry look-up of a
@@ -57,6 +58,7 @@ def register():
     try:
         for name in PACKAGES:
             importlib.import_module(name)
+        _allow_scheduler_states()
     except Exception as err:  # BasicSR must keep working without the DTKD classes
         warnings.warn(f'DTKD classes could not be registered with BasicSR ({type(err).__name__}: {err}); '
                       f'set {ENV_VAR}=0 to stop trying', RuntimeWarning, stacklevel=2)
@@ -64,6 +66,18 @@ def register():
         _state['registering'] = False
         _state['registered'] = True  # registered, or failed and reported once
     return True
+
+
+def _allow_scheduler_states():
+    """BasicSR keeps a MultiStepLR's milestones in a ``collections.Counter``: allow it in ``torch.load``'s
+    weights-only mode (the default since torch 2.6), so that BasicSR's runner can read its training states."""
+    import collections
+
+    import torch
+
+    add_safe_globals = getattr(torch.serialization, 'add_safe_globals', None)
+    if add_safe_globals is not None:
+        add_safe_globals([collections.Counter])
 
 
 def _patch_registry():

@@ -4,14 +4,17 @@
     dtkd-infer -i photos/ -o results/ -opt options/train_dtkd.yml --model net_g_latest.pth
     dtkd-infer -i photos/ -o results/ --teacher options/teacher/resshift_realsr_x4.yml   # ResShift, slow
 
-Images are read with OpenCV and written in kind: grayscale stays single-channel, 16-bit stays
-16-bit, float TIFFs stay float, an alpha channel is kept and up-scaled separately (as Real-ESRGAN
-does: by the network on the alpha replicated to three channels, or bicubic with ``--alpha bicubic``).
-JPEG EXIF orientation is applied on reading. The network sees RGB BCHW float in [0, 1], reflect-padded
-to a multiple of its window size and cropped back (``dtkd_arch.tiling``); large images are processed
-in overlapping, blended tiles, and when a forward pass runs out of memory (CUDA, or the CPU allocator)
-the image is retried with tiles half as large, down to the window size. An output that cannot hold
-the image in the requested format (alpha or 16 bits in a JPEG) is written as PNG instead.
+Images are read with the project's one reader, :func:`dtkd_data.image_io.read_image`, as stored
+(inference applies no further policy), and written in kind: grayscale stays single-channel, 16-bit
+stays 16-bit, float TIFFs stay float, an alpha channel is kept and up-scaled separately (as
+Real-ESRGAN does: by the network on the alpha replicated to three channels, or bicubic with
+``--alpha bicubic``). EXIF orientation is applied on reading, for every format; truncated, corrupt
+and CMYK files are refused with the reason (as for training), never up-scaled half grey. The network
+sees RGB BCHW float in [0, 1], reflect-padded to a multiple of its window size and cropped back
+(``dtkd_arch.tiling``); large images are processed in overlapping, blended tiles, and when a forward
+pass runs out of memory (CUDA, or the CPU allocator) the image is retried with tiles half as large,
+down to the window size. An output that cannot hold the image in the requested format (alpha or 16
+bits in a JPEG) is written as PNG instead.
 
 Outputs are written atomically (a hidden temporary file in the output folder, then renamed), so an
 interrupted run never leaves a truncated image; existing outputs are skipped unless ``--overwrite``.
@@ -31,7 +34,7 @@ from tqdm import tqdm
 
 from dtkd_arch.tiling import forward_padded, tiled_forward
 from dtkd_compat import OptionError, atomic_write
-from dtkd_data.image_checks import BadImageError
+from dtkd_data.image_io import BadImageError, read_image
 from dtkd_utils.device import autocast, check_precision, pick_device
 
 # The paper's student, SwinIR-small x4 (options/train_dtkd.yml, network_g): what --model alone assumes.
@@ -259,34 +262,6 @@ def build_teacher(path, precision, device, tile=None, tile_pad=16):
         raise OptionError(f'--teacher {path}: {err}') from None
 
 
-def read_image(path):
-    """Read any image OpenCV decodes, as stored: (H, W) or (H, W, 3|4) BGR(A), uint8/uint16/float32.
-
-    JPEG EXIF orientation is applied (OpenCV ignores it when asked for the alpha channel, so images
-    without alpha are decoded a second time with orientation). Raises BadImageError.
-    """
-    try:
-        data = np.fromfile(path, dtype=np.uint8)  # also for paths OpenCV's imread cannot open
-    except OSError as err:
-        raise BadImageError(f'cannot read the file: {err.strerror or err}') from None
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if img is None:
-        raise BadImageError('not an image OpenCV can decode')
-    if not (img.ndim == 3 and img.shape[2] == 4):
-        oriented = cv2.imdecode(data, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
-        if oriented is not None and oriented.dtype == img.dtype:
-            img = oriented
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[..., 0]
-    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (3, 4)):
-        raise BadImageError(f'unsupported layout {img.shape} (expected gray, BGR or BGRA)')
-    if img.dtype == np.float64:
-        img = img.astype(np.float32)
-    if img.dtype not in (np.uint8, np.uint16, np.float32):
-        raise BadImageError(f'unsupported pixel type {img.dtype} (expected 8-bit, 16-bit or float)')
-    return img
-
-
 def _peak(dtype):
     return {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(np.dtype(dtype), 1.0)
 
@@ -325,7 +300,7 @@ def _to_array(t, peak, dtype):
 
 
 def upscale_image(img, runner, alpha='network'):
-    """Super-resolve an image as :func:`read_image` returns it; returns the same kind of array
+    """Super-resolve an image as :func:`dtkd_data.image_io.read_image` returns it; returns the same kind of array
     (channels, dtype), ``runner.scale`` times larger."""
     peak, dtype = _peak(img.dtype), img.dtype
     color = img[..., :3] if img.ndim == 3 else img[..., None]
@@ -496,8 +471,8 @@ def infer(args):
             write_atomic(target, encode(out, ext).tobytes())
             done += 1
         except BadImageError as err:
-            failures.append((path, str(err)))
-            tqdm.write(f'failed: {path}: {err}', file=sys.stderr)
+            failures.append((path, err.reason if err.name == path else str(err)))
+            tqdm.write(f'failed: {path}: {failures[-1][1]}', file=sys.stderr)
     bar.close()
     elapsed = time.time() - start
     print(f'dtkd-infer: {done} done, {skipped} skipped (output exists; --overwrite redoes them), '

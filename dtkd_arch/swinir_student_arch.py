@@ -19,7 +19,7 @@ from basicsr.archs.swinir_arch import SwinIR
 from basicsr.utils.registry import ARCH_REGISTRY
 
 from dtkd_arch.tiling import pad_to_multiple
-from dtkd_utils.device import PRECISIONS, autocast
+from dtkd_utils.device import PRECISIONS, autocast, check_precision
 
 
 @ARCH_REGISTRY.register()
@@ -43,6 +43,8 @@ class SwinIRStudent(SwinIR):
         self.precision = precision
 
     def forward(self, x):
+        if self.precision != 'fp32':  # fp16 needs CUDA; bf16 on a CPU without bf16 instructions is warned about
+            check_precision(self.precision, x.device, 'network_g.precision')
         h, w = x.shape[-2:]
         padded, _ = pad_to_multiple(x, self.window_size)
         with autocast(self.precision, x.device):

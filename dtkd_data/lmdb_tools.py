@@ -21,6 +21,7 @@ import lmdb
 import numpy as np
 
 from dtkd_compat import OptionError
+from dtkd_data.image_io import read_lmdb_image
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 _META_LINE = re.compile(r'^(\S+)\s+\((\d+),(\d+),(\d+)\)\s+(\d+)\s*$')
@@ -83,20 +84,8 @@ def list_images(folder, what='folder'):
     return names
 
 
-def read_image(path):
-    """Read an image file as uint8 HWC BGR (HW for single-channel files), raising on failure."""
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise OSError(f'Cannot read image {path}.')
-    if img.dtype != np.uint8:
-        raise ValueError(f'Image {path} has dtype {img.dtype}; only 8-bit images are supported.')
-    if img.ndim == 3 and img.shape[2] == 4:
-        img = img[:, :, :3]
-    return img
-
-
 def encode_png(img, compress_level=1):
-    """PNG-encode a uint8 HWC BGR (or HW) image; returns (bytes, (h, w, c))."""
+    """PNG-encode a uint8/uint16 HWC BGR (or HW gray) image; returns (bytes, (h, w, c))."""
     ok, buf = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, compress_level])
     if not ok:
         raise OSError('PNG encoding failed.')
@@ -147,14 +136,15 @@ def crop_subimage_pair(job):
 
     Args:
         job (tuple): (stem, gt_path, lq_path, scale, crop_size, step, thresh_size, compress_level,
-            allow_crop); GT and LQ are first reduced to their aligned region (``aligned_lq_size``).
-            LQ windows sit at GT position / ``scale``.
+            allow_crop); GT and LQ are read with :func:`dtkd_data.image_io.read_lmdb_image` (8 or 16
+            bits, gray or BGR as stored, EXIF orientation applied, transparency refused) and first reduced
+            to their aligned region (``aligned_lq_size``). LQ windows sit at GT position / ``scale``.
 
     Returns:
         list of (key, gt_bytes, gt_shape, lq_bytes, lq_shape) with keys ``<stem>_s001``, ... .
     """
     stem, gt_path, lq_path, scale, crop, step, thresh, level, allow_crop = job
-    gt, lq = read_image(gt_path), read_image(lq_path)
+    gt, lq = read_lmdb_image(gt_path), read_lmdb_image(lq_path)
     size = aligned_lq_size(gt.shape[:2], lq.shape[:2], scale, allow_crop)
     if size is None:
         raise ValueError(f'{gt_path} ({gt.shape[0]}x{gt.shape[1]}) is not {scale}x {lq_path} '
@@ -236,7 +226,7 @@ class LmdbWriter:
             self._commit()
 
     def put(self, key, img):
-        """PNG-encode and store a uint8 HWC BGR image (or HW gray) under ``key``."""
+        """PNG-encode and store a uint8/uint16 HWC BGR image (or HW gray) under ``key``."""
         img_bytes, shape = encode_png(img, self.compress_level)
         self.put_bytes(key, img_bytes, shape)
 
@@ -268,23 +258,11 @@ class LmdbWriter:
 
 
 def write_image_lmdb(lmdb_path, items, compress_level=1, overwrite=False):
-    """Write ``(key, uint8 BGR image)`` pairs from ``items`` into a new BasicSR LMDB; returns the count."""
+    """Write ``(key, uint8/uint16 BGR image)`` pairs from ``items`` into a new BasicSR LMDB; returns the count."""
     with LmdbWriter(lmdb_path, compress_level=compress_level, overwrite=overwrite) as writer:
         for key, img in items:
             writer.put(key, img)
     return writer.count
-
-
-def image_hw(path):
-    """(h, w) of an image file from its header (PIL reads pixels only on demand)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-    except OSError as err:
-        raise OSError(f'Cannot read the image header of {path}: {err}') from err
-    return h, w
 
 
 def listing(items, limit=10):

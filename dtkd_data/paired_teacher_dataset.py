@@ -9,9 +9,10 @@ the flip/rotation draw, so the teacher patch is always the teacher's view of the
 
 All teacher entries are checked at construction (presence and size, from ``meta_info.txt`` for
 LMDB and from image headers for folders), so a missing or wrongly sized teacher image stops the
-run before training starts. Images are decoded by :func:`dtkd_data.image_checks.decode_image`:
-8-bit images exactly as BasicSR reads them, 16-bit images at full precision, grayscale expanded to
-RGB; an unreadable, truncated, CMYK or transparent image, or a pair whose sizes do not fit the
+run before training starts. Images are decoded by :func:`dtkd_data.image_io.read_training_image`
+(the project's one reader with its training policy): 8-bit images exactly as BasicSR reads them,
+16-bit images at full precision, grayscale expanded to RGB, EXIF orientation applied; an unreadable,
+truncated, CMYK or transparent image, or a pair whose sizes do not fit the
 scale or the crop, raises an error naming the files (``dtkd-train``/``dtkd-test`` scan the whole
 data set for these before starting, see :mod:`dtkd_data.image_checks`). (The ``dtkd_data``
 package imports ``dtkd_compat`` before this module, which makes basicsr importable.)
@@ -28,8 +29,8 @@ from torch.utils import data as data
 from torchvision.transforms.functional import normalize
 
 from dtkd_compat import OptionError
-from dtkd_data.image_checks import BadImageError, decode_image
-from dtkd_data.lmdb_tools import IMG_EXTENSIONS, LmdbFormatError, image_hw, listing, lmdb_is_complete, read_meta_info
+from dtkd_data.image_io import BadImageError, image_size, read_training_image
+from dtkd_data.lmdb_tools import IMG_EXTENSIONS, LmdbFormatError, listing, lmdb_is_complete, read_meta_info
 
 MAX_LISTED = 10
 
@@ -251,10 +252,10 @@ class PairedTeacherDataset(data.Dataset):
         try:
             img_bytes = self.file_client.get(path, client_key)
         except OSError as err:
-            raise BadImageError(f'{name} cannot be read: {err}') from None
+            raise BadImageError(f'cannot be read ({err.strerror or err})', name) from None
         if img_bytes is None:
-            raise BadImageError(f'{name} is not in {self.backend} storage.')
-        return decode_image(img_bytes, name)
+            raise BadImageError(f'is not in {self.backend} storage.', name)
+        return read_training_image(img_bytes, name)
 
     def _check_pair(self, img_gt, img_lq, gt_path, lq_path):
         """Training pairs: GT exactly scale x LQ and at least gt_size (BasicSR's crop would fail obscurely)."""
@@ -317,8 +318,8 @@ class PairedTeacherDataset(data.Dataset):
 
 def _image_hw(path):
     try:
-        return image_hw(path)
-    except OSError as err:
+        return image_size(path)
+    except BadImageError as err:
         raise TeacherDataError(str(err)) from err
 
 

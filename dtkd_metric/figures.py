@@ -24,23 +24,13 @@ def _matplotlib():
 
 
 def read_rgb(path):
-    """Read an image file as RGB float32 H x W x 3 in [0, 1] (8- or 16-bit; gray repeated, alpha dropped)."""
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise FileNotFoundError(f'cannot read image {path}')
-    if img.dtype == np.uint8:
-        img = img.astype(np.float32) / 255.0
-    elif img.dtype == np.uint16:
-        img = img.astype(np.float32) / 65535.0
-    else:
-        raise ValueError(f'{path}: unsupported image dtype {img.dtype} (expected 8 or 16 bit)')
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    elif img.shape[2] == 4:
-        img = img[:, :, :3]
-    elif img.shape[2] == 1:
-        img = np.repeat(img, 3, axis=2)
-    return np.ascontiguousarray(img[:, :, ::-1])
+    """Read an image file as RGB float32 H x W x 3 in [0, 1] with the project's reader and its training
+    policy (:func:`dtkd_data.image_io.read_training_image`: 8- or 16-bit, gray repeated, EXIF orientation
+    applied, opaque alpha dropped; transparent or float images refused). Raises BadImageError naming the
+    file (a ``ValueError``; a missing file is also a ``FileNotFoundError``)."""
+    from dtkd_data.image_io import read_training_image
+
+    return np.ascontiguousarray(read_training_image(os.fspath(path))[:, :, ::-1])
 
 
 def _image_key(file_name, strip_suffixes):

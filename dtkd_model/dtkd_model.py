@@ -34,7 +34,8 @@ from dtkd_arch.tiling import forward_padded, tiled_forward
 from dtkd_compat import OptionError
 from dtkd_loss.dwt_kd_loss import band_group_discrepancy
 from dtkd_model.kd_schedule import KDWeightSchedule
-from dtkd_model.safe_training import SafeTrainingMixin, atomic_imwrite, max_nonfinite_steps
+from dtkd_model.options import check_model_options
+from dtkd_model.safe_training import SafeTrainingMixin, atomic_imwrite
 
 
 @MODEL_REGISTRY.register()
@@ -49,25 +50,7 @@ class DTKDModel(SafeTrainingMixin, SRModel):
     # ------------------------------------------------------------------ set-up
     @staticmethod
     def _check_options(opt):
-        train = opt.get('train') or {}
-        if opt.get('is_train') and not train.get('pixel_opt'):
-            raise OptionError('train.pixel_opt: DTKDModel needs a task loss (the paper uses L1Loss)')
-        if opt.get('is_train'):
-            max_nonfinite_steps(train)
-        kd_opt = train.get('kd_opt')
-        if kd_opt is not None:
-            if not isinstance(kd_opt, dict) or 'type' not in kd_opt:
-                raise OptionError('train.kd_opt: expected a loss block with a type, e.g. {type: DWTKDLoss}')
-            weight = kd_opt.get('loss_weight', 1.0)
-            if not isinstance(weight, (int, float)) or weight < 0:
-                raise OptionError(f'train.kd_opt.loss_weight: expected a number >= 0, got {weight!r}')
-        val = opt.get('val') or {}
-        tile = val.get('tile')
-        if tile is not None:
-            if not isinstance(tile, dict) or not isinstance(tile.get('tile_size'), int) or tile['tile_size'] <= 0:
-                raise OptionError('val.tile.tile_size: expected a positive integer (LR pixels)')
-            if not isinstance(tile.get('tile_pad', 0), int) or tile.get('tile_pad', 0) < 0:
-                raise OptionError('val.tile.tile_pad: expected an integer >= 0 (LR pixels)')
+        check_model_options(opt, bool(opt.get('is_train')))
 
     def model_to_device(self, net):
         # BasicSR passes device_ids=[current CUDA device] to DDP, which fails on a CPU process group.
@@ -88,8 +71,6 @@ class DTKDModel(SafeTrainingMixin, SRModel):
             self.cri_kd = build_loss(kd_opt).to(self.device)
             self.kd_schedule = KDWeightSchedule.from_options(train_opt.get('kd_schedule'), final_weight,
                                                              int(train_opt['total_iter']))
-        elif train_opt.get('kd_schedule') is not None:
-            raise OptionError('train.kd_schedule: given without train.kd_opt (no distillation loss to schedule)')
         teacher_opt = self.opt.get('teacher')
         if teacher_opt is not None and self.cri_kd is not None:
             self.online_teacher = self._build_online_teacher(teacher_opt)
@@ -98,9 +79,6 @@ class DTKDModel(SafeTrainingMixin, SRModel):
     def _build_online_teacher(self, teacher_opt):
         from dtkd_teacher.teacher import ResShiftTeacher
 
-        if not isinstance(teacher_opt, dict) or 'opt' not in teacher_opt:
-            raise OptionError('teacher.opt: expected the path of a teacher option file, '
-                              'e.g. options/teacher/resshift_realsr_x4.yml')
         teacher = ResShiftTeacher.from_options(teacher_opt['opt'], device=self.device,
                                                precision=teacher_opt.get('precision', 'fp32'))
         get_root_logger().info(f"Online teacher from {teacher_opt['opt']} "

@@ -14,6 +14,8 @@ import torch
 
 from dtkd_compat import OptionError
 from dtkd_data.image_checks import PAIRED_DATASETS
+from dtkd_model.kd_schedule import KDWeightSchedule
+from dtkd_model.safe_training import max_nonfinite_steps
 from dtkd_utils.options import check_keys, load_yaml
 from dtkd_utils.options import require as _require
 
@@ -101,11 +103,49 @@ def _check_loss_block(block, where):
     check_keys(block, ['type'] + [n for n in params if n != 'self'], where)
 
 
+def check_model_options(opt, is_train):
+    """The values DTKDModel and AugKDModel depend on: task and KD loss blocks, the KD schedule, the teacher
+    block, ``val.tile`` and ``train.max_nonfinite_steps``. Called by :func:`check_project_blocks` (before
+    anything is created) and by the models themselves (when another runner builds them)."""
+    train = opt.get('train') or {}
+    if is_train:
+        if not train.get('pixel_opt'):
+            raise OptionError('train.pixel_opt: DTKDModel needs a task loss (the paper uses L1Loss)')
+        max_nonfinite_steps(train)
+        kd_opt = train.get('kd_opt')
+        if kd_opt is not None:
+            if not isinstance(kd_opt, dict) or 'type' not in kd_opt:
+                raise OptionError('train.kd_opt: expected a loss block with a type, e.g. {type: DWTKDLoss}')
+            weight = kd_opt.get('loss_weight', 1.0)
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+                raise OptionError(f'train.kd_opt.loss_weight: expected a number >= 0, got {weight!r}')
+        schedule = train.get('kd_schedule')
+        if schedule is not None and kd_opt is None:
+            raise OptionError('train.kd_schedule: given without train.kd_opt (no distillation loss to schedule)')
+        if kd_opt is not None:
+            if isinstance(schedule, dict):
+                check_keys(schedule, ('type', 'start_iter', 'end_iter'), 'train.kd_schedule')
+            try:
+                KDWeightSchedule.from_options(schedule, kd_opt.get('loss_weight', 1.0), train.get('total_iter'))
+            except ValueError as err:
+                raise OptionError(str(err)) from None
+    teacher = opt.get('teacher')
+    if teacher is not None:
+        check_keys(teacher, TEACHER_KEYS, 'teacher')
+        if not isinstance(teacher.get('opt'), str):
+            raise OptionError('teacher.opt: expected the path of a teacher option file, '
+                              'e.g. options/teacher/resshift_realsr_x4.yml')
+    tile = (opt.get('val') or {}).get('tile')
+    if tile is not None:
+        check_keys(tile, TILE_KEYS, 'val.tile')
+        if not isinstance(tile.get('tile_size'), int) or tile['tile_size'] <= 0:
+            raise OptionError('val.tile.tile_size: expected a positive integer (LR pixels)')
+        if not isinstance(tile.get('tile_pad', 0), int) or tile.get('tile_pad', 0) < 0:
+            raise OptionError('val.tile.tile_pad: expected an integer >= 0 (LR pixels)')
+
+
 def check_project_blocks(opt, is_train):
     """Unknown keys and values of the project's own option blocks, named with the closest valid key."""
-    from dtkd_model.kd_schedule import KDWeightSchedule
-    from dtkd_model.safe_training import max_nonfinite_steps
-
     dtkd = opt.get('model_type') in DTKD_MODELS
     if dtkd:
         check_keys(opt, TOP_KEYS, 'options')
@@ -117,42 +157,28 @@ def check_project_blocks(opt, is_train):
     for phase, dopt in opt['datasets'].items():
         if dopt.get('type') in PAIRED_DATASETS:
             check_keys(dopt, DATASET_KEYS, f'datasets.{phase}')
-    teacher = opt.get('teacher')
-    if teacher is not None:
-        check_keys(teacher, TEACHER_KEYS, 'teacher')
-        if not isinstance(teacher.get('opt'), str):
-            raise OptionError('teacher.opt: expected the path of a teacher option file, '
-                              'e.g. options/teacher/resshift_realsr_x4.yml')
-        load_yaml(osp.expanduser(teacher['opt']), key='teacher.opt')  # as the teacher loader opens it
     val = opt.get('val')
-    if val is not None:
-        if not isinstance(val, dict):
-            raise OptionError('val: expected a mapping')
-        if dtkd:
-            check_keys(val, VAL_KEYS, 'val')
-        if val.get('tile') is not None:
-            check_keys(val['tile'], TILE_KEYS, 'val.tile')
+    if val is not None and not isinstance(val, dict):
+        raise OptionError('val: expected a mapping')
+    if dtkd and val is not None:
+        check_keys(val, VAL_KEYS, 'val')
     train = opt.get('train')
-    if not is_train or not isinstance(train, dict):
-        return
-    if dtkd:
+    if dtkd and is_train and isinstance(train, dict):
         known = TRAIN_KEYS + (('augkd_opt',) if opt['model_type'] == 'AugKDModel' else ())
         check_keys(train, known, 'train')
         for name in ('pixel_opt', 'perceptual_opt', 'kd_opt'):
             if train.get(name) is not None:
                 _check_loss_block(train[name], f'train.{name}')
-    max_nonfinite_steps(train)
-    kd_opt = train.get('kd_opt')
-    if train.get('kd_schedule') is not None or kd_opt is not None:
-        schedule = train.get('kd_schedule')
-        if isinstance(schedule, dict):
-            check_keys(schedule, ('type', 'start_iter', 'end_iter'), 'train.kd_schedule')
-        weight = kd_opt.get('loss_weight', 1.0) if isinstance(kd_opt, dict) else 1.0
-        try:
-            KDWeightSchedule.from_options(schedule, weight, train.get('total_iter'))
-        except ValueError as err:
-            raise OptionError(str(err)) from None
-    if opt['model_type'] == 'AugKDModel':
+    if dtkd:
+        check_model_options(opt, is_train)
+    elif is_train and isinstance(train, dict):
+        max_nonfinite_steps(train)
+    teacher = opt.get('teacher')
+    if teacher is not None:
+        if not dtkd:
+            check_keys(teacher, TEACHER_KEYS, 'teacher')
+        load_yaml(osp.expanduser(str(teacher.get('opt'))), key='teacher.opt')  # as the teacher loader opens it
+    if opt['model_type'] == 'AugKDModel' and is_train and isinstance(train, dict):
         from dtkd_model.augkd_model import AugKDModel
 
         AugKDModel._parse_augkd(train.get('augkd_opt'))

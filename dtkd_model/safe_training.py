@@ -28,7 +28,7 @@ import torch.distributed as dist
 from basicsr.utils import get_root_logger
 from basicsr.utils.dist_util import master_only
 
-from dtkd_compat import OptionError, atomic_write
+from dtkd_compat import OptionError, atomic_write, fault_point
 
 DEFAULT_MAX_NONFINITE_STEPS = 5
 
@@ -205,6 +205,7 @@ class SafeTrainingMixin:
         if bad:
             raise NonFiniteError(f'{save_path} not saved: optimizer state holds NaN/Inf ({", ".join(bad[:5])})')
         _save_with_retry(state, save_path, 'training state')
+        fault_point(f'save_training_state.saved:{current_iter}')  # crash tests only (dtkd_compat.fault_point)
 
     # ------------------------------------------------------------------ loading
     def load_network(self, net, load_path, strict=True, param_key='params'):

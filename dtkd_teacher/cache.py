@@ -14,8 +14,9 @@ Guarantees:
 * Crash-safe and resumable: a folder entry is written to a hidden temporary file and renamed into
   place; an LMDB entry is committed in its own transaction (or with its ``batch_size`` group). The
   LMDB's ``meta_info.txt`` is not kept during the run: it is rebuilt from the committed PNG entries
-  (their size is read from the PNG header) and written atomically at the end, so an interrupted LMDB
-  never looks complete to ``lmdb_is_complete``/BasicSR, and a rerun only adds the missing keys.
+  (their size is read from the PNG header by :func:`dtkd_data.image_io.png_info`) and written
+  atomically at the end, so an interrupted LMDB never looks complete to
+  ``lmdb_is_complete``/BasicSR, and a rerun only adds the missing keys.
 * Settings guard: ``teacher_cache.json`` in the output records the teacher options (without paths),
   the SHA-256 of both checkpoints, the seed and the PNG level; a rerun with other settings is refused
   unless ``overwrite``.
@@ -29,26 +30,16 @@ import json
 import os
 import os.path as osp
 import shutil
-import struct
 import time
 from dataclasses import dataclass
 
-import cv2
 import lmdb
 import numpy as np
 import torch
 
-from dtkd_compat import MissingFileError, OptionError, atomic_write
-from dtkd_data.lmdb_tools import (
-    LmdbFormatError,
-    check_key,
-    encode_png,
-    image_hw,
-    list_images,
-    listing,
-    read_image,
-    read_meta_info,
-)
+from dtkd_compat import MissingFileError, OptionError, atomic_write, fault_point
+from dtkd_data.image_io import BadImageError, image_size, png_info, read_training_image
+from dtkd_data.lmdb_tools import LmdbFormatError, check_key, encode_png, list_images, listing, read_meta_info
 
 RECORD_NAME = 'teacher_cache.json'
 FORMAT_VERSION = 1
@@ -71,29 +62,16 @@ def key_generator(key, seed):
 
 
 # ---------------------------------------------------------------------------------------------- images
-def bgr_uint8_to_tensor(img):
-    """uint8 HWC BGR (or HW gray) -> (1, 3, H, W) float32 RGB in [0, 1]."""
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
+def bgr_to_tensor(img):
+    """float32 HWC BGR in [0, 1] (:func:`dtkd_data.image_io.as_training`) -> (1, 3, H, W) float32 RGB."""
     rgb = np.ascontiguousarray(img[..., ::-1])
-    return torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0).unsqueeze(0)
+    return torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
 
 
 def tensor_to_bgr_uint8(t):
     """(3, H, W) RGB in [0, 1] -> uint8 HWC BGR, rounded half to even (``torch.round``), clipped."""
     img = t.detach().float().clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return np.ascontiguousarray(img[..., ::-1])
-
-
-def png_shape(png_bytes):
-    """(h, w, c) from a PNG's IHDR chunk (no decoding)."""
-    if len(png_bytes) < 26 or png_bytes[:8] != b'\x89PNG\r\n\x1a\n' or png_bytes[12:16] != b'IHDR':
-        raise ValueError('not a PNG')
-    w, h = struct.unpack('>II', png_bytes[16:24])
-    channels = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(png_bytes[25])
-    if channels is None:
-        raise ValueError(f'unknown PNG colour type {png_bytes[25]}')
-    return h, w, channels
 
 
 def is_lmdb_path(path):
@@ -149,33 +127,24 @@ class ImageSource:
         if self.kind == 'lmdb':
             return self.sizes[key]
         try:
-            return image_hw(osp.join(self.path, self.files[key]))
-        except OSError as err:
-            raise OptionError(f'{self.what}: unreadable image {self.describe(key)}: {err}') from err
+            return image_size(osp.join(self.path, self.files[key]))
+        except BadImageError as err:
+            raise BadImageError(err.reason, f'{self.what}: image {err.name}') from None
 
     def read(self, key):
-        """uint8 HWC BGR image (HW for gray files)."""
+        """float32 HWC BGR in [0, 1], read as ``PairedTeacherDataset`` reads its LQ images
+        (:func:`dtkd_data.image_io.read_training_image`: gray expanded, 16 bits kept, EXIF orientation
+        applied; truncated, CMYK and transparent images refused, naming the image)."""
         if self.kind == 'folder':
-            from dtkd_data.image_checks import check_image_file
-
-            path = osp.join(self.path, self.files[key])
-            _, problem = check_image_file(path)  # truncated, CMYK, transparent: refused by name
-            if problem:
-                raise OptionError(f'{self.what}: image {path} {problem}')
-            try:
-                return read_image(path)
-            except (OSError, ValueError) as err:
-                raise OptionError(f'{self.what}: {err}') from err
+            return read_training_image(osp.join(self.path, self.files[key]), f'{self.what}: image '
+                                       f'{osp.join(self.path, self.files[key])}')
         if self._env is None:
             self._env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False)
         with self._env.begin(write=False) as txn:
             buf = txn.get(key.encode('ascii'))
         if buf is None:
             raise OptionError(f'{self.what}: {self.describe(key)} is listed in meta_info.txt but not stored.')
-        img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_UNCHANGED)
-        if img is None or img.dtype != np.uint8:
-            raise OptionError(f'{self.what}: {self.describe(key)} is not a decodable 8-bit image.')
-        return img[..., :3] if img.ndim == 3 else img
+        return read_training_image(buf, f'{self.what}: {self.describe(key)}')
 
     def close(self):
         if self._env is not None:
@@ -402,6 +371,8 @@ class LmdbOutput:
         with self.env.begin(write=True) as txn:
             for key, png in items:
                 txn.put(key.encode('ascii'), png)
+            fault_point('teacher_cache.before_commit')  # crash tests only (dtkd_compat.fault_point)
+        fault_point('teacher_cache.committed')
 
     def finalize(self, keys):
         """Check every key is stored and write ``meta_info.txt`` (sorted, BasicSR format) atomically."""
@@ -410,9 +381,10 @@ class LmdbOutput:
             for k, v in txn.cursor():
                 key = k.decode('ascii')
                 try:
-                    h, w, c = png_shape(bytes(v[:32]))
-                except ValueError as err:
-                    raise RuntimeError(f'{self.path}: entry {key!r} is not a PNG ({err})') from err
+                    info = png_info(v)
+                except BadImageError as err:
+                    raise RuntimeError(f'{self.path}: entry {key!r} {err}') from err
+                h, w, c = info.h, info.w, info.channels
                 lines.append(f'{key}.png ({h},{w},{c}) {PNG_LEVEL}\n')
             stored = {k.decode('ascii') for k in txn.cursor().iternext(keys=True, values=False)}
         missing = sorted(set(keys) - stored)
@@ -549,7 +521,7 @@ def _run(teacher, todo, lq_source, output, seed, batch_size, stats, show, desc):
             if img.shape[:2] != tuple(job.lq_hw):
                 raise OptionError(f'--input: {lq_source.describe(job.lq_key)} decodes to '
                                         f'{img.shape[0]}x{img.shape[1]}, its header said {job.lq_hw}')
-            lq = bgr_uint8_to_tensor(img)
+            lq = bgr_to_tensor(img)
             sr = teacher.sample(lq, generator=key_generator(job.key, seed))[0]
             if tuple(sr.shape[-2:]) != tuple(job.out_hw):
                 raise RuntimeError(f'teacher output for {job.key} is {tuple(sr.shape[-2:])}, expected {job.out_hw}')

@@ -13,7 +13,8 @@ LQ image under the GT's key: set it as ``dataroot_teacher`` of ``PairedTeacherDa
 
 Rerunning the same command resumes (finished keys are skipped); a killed run leaves no partial
 entry. Every image is sampled with its own generator seeded from (--seed, key), so the bytes do not
-depend on interruptions, sharding or --batch-size. See ``dtkd_model/teacher_cache.py``.
+depend on interruptions, sharding or --batch-size. See ``dtkd_teacher/cache.py``. LQ images are read
+as ``PairedTeacherDataset`` reads them (``dtkd_data.image_io.read_training_image``).
 """
 import argparse
 import datetime

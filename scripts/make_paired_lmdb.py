@@ -2,10 +2,13 @@
 
 Each GT image ``<stem>.<ext>`` is paired with the LQ image whose stem is ``--filename-tmpl`` applied
 to ``<stem>`` (any image extension), and both are stored under the key ``<stem>`` with BasicSR's
-``meta_info.txt``. Every pair is checked before anything is written: the GT must be exactly
-``--scale`` x the LQ. With ``--crop-gt``, pairs that are off by less than ``scale`` pixels per side
-(benchmark GTs that were not mod-cropped, LQ sizes rounded up) keep their common top-left region,
-as BasicSR crops such GTs at test time.
+``meta_info.txt``. Every pair is checked before anything is written: both images must be readable
+(:func:`dtkd_data.image_io.image_size`) and the GT must be exactly ``--scale`` x the LQ. Images are
+stored as :func:`dtkd_data.image_io.read_lmdb_image` reads them: 8 or 16 bits, gray or colour as in
+the file, EXIF orientation applied, opaque alpha dropped; transparent images are refused. With
+``--crop-gt``, pairs that are off by less than ``scale`` pixels per side (benchmark GTs that were
+not mod-cropped, LQ sizes rounded up) keep their common top-left region, as BasicSR crops such GTs
+at test time.
 
 Example (RealSR V3 Canon x4 test set: ``Canon_001_HR.png`` and ``Canon_001_LR4.png`` in one folder)::
 
@@ -26,7 +29,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from dtkd_data.lmdb_tools import LmdbWriter, aligned_lq_size, find_pairs, image_hw, listing, read_image  # noqa: E402
+from dtkd_compat import OptionError  # noqa: E402
+from dtkd_data.image_io import image_size, read_lmdb_image  # noqa: E402
+from dtkd_data.lmdb_tools import LmdbWriter, aligned_lq_size, find_pairs, listing  # noqa: E402
 
 _KEY_UNSAFE = re.compile(r'[^A-Za-z0-9_\-]')
 
@@ -78,31 +83,40 @@ def main(argv=None):
     except FileNotFoundError as err:
         raise SystemExit(str(err)) from err
 
-    keys, bad_sizes, crops = {}, [], {}
+    keys, bad_sizes, crops, unreadable = {}, [], {}, []
     for stem, gt_path, lq_path in pairs:
         key = _KEY_UNSAFE.sub('_', stem[:-len(suffix)] if suffix and stem.endswith(suffix) else stem)
         if key in keys:
             raise SystemExit(f'GT images {keys[key]} and {gt_path} map to the same LMDB key {key!r}.')
         keys[key] = gt_path
-        (gh, gw), (lh, lw) = image_hw(gt_path), image_hw(lq_path)
+        try:
+            (gh, gw), (lh, lw) = image_size(gt_path), image_size(lq_path)
+        except OptionError as err:
+            unreadable.append(str(err))
+            continue
         size = aligned_lq_size((gh, gw), (lh, lw), scale, args.crop_gt)
         if size is None:
             bad_sizes.append(f'{osp.basename(gt_path)} {gh}x{gw} vs {osp.basename(lq_path)} {lh}x{lw}')
         elif size != (lh, lw) or (gh, gw) != (lh * scale, lw * scale):
             crops[gt_path] = size
+    if unreadable:
+        raise SystemExit(f'{len(unreadable)} images cannot be used: {listing(unreadable)}')
     if bad_sizes:
         hint = '' if args.crop_gt else ' (--crop-gt accepts pairs that differ by less than scale pixels per side)'
         raise SystemExit(f'{len(bad_sizes)} GT images are not {scale}x their LQ image{hint}: {listing(bad_sizes)}')
     if crops:
         print(f'Cropping {len(crops)} pairs to their aligned region: {listing(osp.basename(p) for p in crops)}')
 
-    with LmdbWriter(args.out_gt, args.compress_level, args.overwrite) as gt_db, \
-            LmdbWriter(args.out_lq, args.compress_level, args.overwrite) as lq_db:
-        for (key, gt_path), (_, _, lq_path) in tqdm(list(zip(keys.items(), pairs)), unit='pair', desc='pairs'):
-            gt, lq = read_image(gt_path), read_image(lq_path)
-            lh, lw = crops.get(gt_path, lq.shape[:2])
-            gt_db.put(key, np.ascontiguousarray(gt[:lh * scale, :lw * scale]))
-            lq_db.put(key, np.ascontiguousarray(lq[:lh, :lw]))
+    try:
+        with LmdbWriter(args.out_gt, args.compress_level, args.overwrite) as gt_db, \
+                LmdbWriter(args.out_lq, args.compress_level, args.overwrite) as lq_db:
+            for (key, gt_path), (_, _, lq_path) in tqdm(list(zip(keys.items(), pairs)), unit='pair', desc='pairs'):
+                gt, lq = read_lmdb_image(gt_path), read_lmdb_image(lq_path)
+                lh, lw = crops.get(gt_path, lq.shape[:2])
+                gt_db.put(key, np.ascontiguousarray(gt[:lh * scale, :lw * scale]))
+                lq_db.put(key, np.ascontiguousarray(lq[:lh, :lw]))
+    except OptionError as err:  # an image the header check passed but that cannot be decoded or stored
+        raise SystemExit(f'{err} (nothing was written)') from None
     print(f'Wrote {gt_db.count} pairs to {osp.abspath(args.out_gt)} and {osp.abspath(args.out_lq)}.')
     return 0
 

@@ -15,6 +15,12 @@ Example (the defaults)::
         --hr datasets/DIV2K/DIV2K_train_HR --lr datasets/DIV2K/DIV2K_train_LR_bicubic/X4 \\
         --out-gt datasets/DIV2K/DIV2K_train_HR_sub.lmdb --out-lq datasets/DIV2K/DIV2K_train_LR_bicubic_X4_sub.lmdb
 
+Every pair is checked before anything is written: readable headers, keys BasicSR can use, HR exactly
+``scale`` x LR (or within ``scale`` pixels with ``--crop-gt``), and no HR image smaller than
+``--crop-size`` (it would give no sub-image). Images are read with
+:func:`dtkd_data.image_io.read_lmdb_image`: 8 or 16 bits, gray or colour as in the file, EXIF
+orientation applied, opaque alpha dropped, transparent images refused.
+
 Outputs are written to hidden ``.partial`` folders and renamed at the end, so an interrupted run
 leaves no LMDB that looks complete; an existing output is kept unless ``--overwrite``.
 """
@@ -28,7 +34,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from dtkd_compat import OptionError  # noqa: E402
 from dtkd_data import lmdb_tools as lt  # noqa: E402
+from dtkd_data.image_io import image_size  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -72,28 +80,35 @@ def main(argv=None):
         pairs = lt.find_pairs(args.hr, args.lr, args.lr_tmpl.replace('{scale}', str(scale)), '--hr', '--lr')
     except FileNotFoundError as err:
         raise SystemExit(str(err)) from err
-    bad_keys, bad_sizes, small = [], [], []
+    bad_keys, unreadable, bad_sizes, small = [], [], [], []
     for stem, hr_path, lr_path in pairs:
         try:
             lt.check_key(stem)
         except ValueError:
             bad_keys.append(stem)
-        (hh, hw), (lh, lw) = lt.image_hw(hr_path), lt.image_hw(lr_path)
+        try:
+            (hh, hw), (lh, lw) = image_size(hr_path), image_size(lr_path)
+        except OptionError as err:
+            unreadable.append(str(err))
+            continue
         size = lt.aligned_lq_size((hh, hw), (lh, lw), scale, args.crop_gt)
         if size is None:
             bad_sizes.append(f'{osp.basename(hr_path)} {hh}x{hw} vs {osp.basename(lr_path)} {lh}x{lw}')
         elif min(size) * scale < args.crop_size:
-            small.append(osp.basename(hr_path))
+            small.append(f'{osp.basename(hr_path)} {size[0] * scale}x{size[1] * scale}')
     if bad_keys:
         raise SystemExit(f'{len(bad_keys)} HR file names cannot be LMDB keys (letters, digits, _ and - only): '
                          f'{lt.listing(bad_keys)}')
+    if unreadable:
+        raise SystemExit(f'{len(unreadable)} images cannot be used: {lt.listing(unreadable)}')
     if bad_sizes:
         hint = '' if args.crop_gt else ' (--crop-gt accepts pairs that differ by less than scale pixels)'
         raise SystemExit(f'{len(bad_sizes)} HR images are not exactly {scale}x their LR image{hint}: '
                          f'{lt.listing(bad_sizes)}')
-    if small:
-        print(f'Warning: {len(small)} HR images are smaller than --crop-size {args.crop_size} and give no '
-              f'sub-images: {lt.listing(small)}')
+    if small:  # they would give no sub-image (all of them: empty LMDBs)
+        raise SystemExit(f'{len(small)} of {len(pairs)} HR images are smaller than --crop-size {args.crop_size} '
+                         f'and would give no sub-images: {lt.listing(small)}; use a smaller --crop-size or '
+                         'remove these images (nothing was written)')
 
     jobs = [(stem, hr, lr, scale, args.crop_size, args.step, args.thresh_size, args.compress_level, args.crop_gt)
             for stem, hr, lr in pairs]
@@ -108,6 +123,8 @@ def main(argv=None):
                 for key, gt_bytes, gt_shape, lq_bytes, lq_shape in crops:
                     gt_db.put_bytes(key, gt_bytes, gt_shape)
                     lq_db.put_bytes(key, lq_bytes, lq_shape)
+    except OptionError as err:  # an image the header check passed but that cannot be decoded or stored
+        raise SystemExit(f'{err} (nothing was written)') from None
     finally:
         if pool:
             pool.close()

@@ -2,8 +2,13 @@
 
 A forked child shares the modules the tests already imported (torch, basicsr, dtkd_*), so starting
 one costs milliseconds instead of the ~10 s an interpreter needs to import them on a small machine.
-It is a separate process: its global changes (patched runners, loggers, the working directory)
-stay in it, it can be killed with SIGKILL at any moment, and its exit status is its own.
+It is a separate process: its global changes (patched runners, loggers, the working directory,
+environment variables) stay in it, it can be killed with SIGKILL at any moment, and its exit status
+is its own.
+
+Crash tests make the child kill itself at a named point of the product code instead of killing it
+from outside after a sleep: ``env={'DTKD_FAULT_INJECT': '<point>[@<n>]'}`` (see
+``dtkd_compat.fault_point``); :func:`wait` then returns -9.
 """
 import logging
 import os
@@ -22,8 +27,10 @@ def _reset_logging():
         logging.getLogger(name).handlers.clear()
 
 
-def start(fn, log_path, cwd=None, argv=None):
+def start(fn, log_path, cwd=None, argv=None, env=None):
     """Run ``fn()`` in a forked child; its stdout/stderr go to ``log_path``. Returns the pid.
+
+    ``env``: environment variables set in the child only (e.g. ``dtkd_compat.FAULT_ENV``).
 
     The child exits with ``fn``'s return value (0 for None), the code of a ``SystemExit``, or 1
     after printing the traceback of any other exception.
@@ -48,6 +55,7 @@ def start(fn, log_path, cwd=None, argv=None):
             os.chdir(cwd)
         if argv is not None:
             sys.argv = list(argv)
+        os.environ.update(env or {})
         result = fn()
         code = result if isinstance(result, int) else 0
     except SystemExit as exc:
@@ -86,13 +94,13 @@ def kill(pid):
     return os.waitstatus_to_exitcode(status)
 
 
-def run(fn, log_path, cwd=None, argv=None, timeout=120):
-    """Run ``fn()`` in a forked child to the end; returns (exit code, its output)."""
-    code = wait(start(fn, log_path, cwd=cwd, argv=argv), timeout)
+def run(fn, log_path, cwd=None, argv=None, timeout=120, env=None):
+    """Run ``fn()`` in a forked child to the end (or to its death); returns (exit code, its output)."""
+    code = wait(start(fn, log_path, cwd=cwd, argv=argv, env=env), timeout)
     with open(log_path, errors='replace') as f:
         return code, f.read()
 
 
-def run_entry_point(module, argv, log_path, cwd):
+def run_entry_point(module, argv, log_path, cwd, env=None):
     """``module.main()`` of an entry point (dtkd.train / test / infer) with ``sys.argv = argv``."""
-    return run(module.main, log_path, cwd=cwd, argv=argv)
+    return run(module.main, log_path, cwd=cwd, argv=argv, env=env)

@@ -1,26 +1,36 @@
-"""SIGKILL at a random moment of training, then ``dtkd-train --auto_resume``: training continues at the
-saved iteration with the same lambda schedule position and the same learning-rate schedule.
+"""SIGKILL during training, then ``dtkd-train --auto_resume``: training continues right after the
+newest complete training state, with the same lambda schedule position and the same learning-rate
+schedule.
 
 Both runs are forks of the test process running ``dtkd-train``'s entry point (``main``): the first
-is SIGKILLed, the second runs with ``--auto_resume`` (tests/test_train_e2e.py resumes through a
-fresh ``python -m dtkd.train`` process). Expected values come from the
-schedules' definitions: lambda(t) = 2 t / T (linear, final weight 2) and MultiStepLR,
+kills itself at a named point of the save at iteration 12 (``DTKD_FAULT_INJECT``, see
+``dtkd_compat.fault_point``), either after the temporary file of ``12.state`` is written but before
+its rename (the newest complete state is then 8), or right after ``12.state`` is complete (it is
+then 12); the second runs with ``--auto_resume`` (tests/test_train_e2e.py resumes through a fresh
+``python -m dtkd.train`` process). Each run names its log file itself (BasicSR names logs by the
+second), so nothing waits. Expected values come from the schedules' definitions:
+lambda(t) = 2 t / T (linear, final weight 2) and MultiStepLR,
 lr(t) = 2e-4 * 0.5^(number of milestones <= t - 1) (BasicSR steps the scheduler from iteration 2 on).
 """
-import glob
 import os
-import random
 import re
-import time
+import signal
 
 import forking
+import pytest
 import torch
 
 from conftest import train_options, write_yaml
+from dtkd_compat import FAULT_ENV
 
-TOTAL, SAVE_FREQ, MILESTONES = 40, 4, (10, 25)
+TOTAL, SAVE_FREQ, MILESTONES, KILLED_AT = 24, 4, (10, 18), 12
 DWT = {'type': 'DWTKDLoss', 'loss_weight': 2.0, 'level': 2, 'wavelet': 'haar', 'group_weights': [1, 2, 1]}
 LINE = re.compile(r'iter:\s*(\d+), lr:\(([\d.e+-]+),\)\].*?lambda_kd: (\S+)')
+# fault -> iteration of the newest complete training state when the run dies
+CASES = {
+    'before the rename of 12.state': (f'atomic_write.before_replace:{KILLED_AT}.state', KILLED_AT - SAVE_FREQ),
+    'after 12.state is complete': (f'save_training_state.saved:{KILLED_AT}', KILLED_AT),
+}
 
 
 def logged(path):
@@ -39,11 +49,23 @@ def expected_lr(it):
     return 2e-4 * 0.5 ** sum(m <= it - 1 for m in MILESTONES)
 
 
-def test_auto_resume_after_a_random_sigkill(tiny_pairs, tmp_path):
-    from basicsr import train as _basicsr_train  # noqa: F401  (imported once here, not in the child)
+def train_with_log_name(tag):
+    """``dtkd-train``'s main with the log file ``train_<name>_<tag>.log`` (instead of a time stamp)."""
+    def main():
+        from basicsr import train as basicsr_train
 
-    from dtkd import train
+        from dtkd import train
 
+        basicsr_train.get_time_str = lambda: tag
+        return train.main()
+    return main
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_auto_resume_after_a_sigkill_during_a_save(tiny_pairs, tmp_path, case):
+    from basicsr import train as _basicsr_train  # noqa: F401  (imported once here, not in every child)
+
+    fault, last = CASES[case]
     opt = train_options(tiny_pairs, 'killed', total_iter=TOTAL, kd_opt=dict(DWT), save_freq=SAVE_FREQ)
     opt['train']['scheduler'] = {'type': 'MultiStepLR', 'milestones': list(MILESTONES), 'gamma': 0.5}
     opt['logger']['use_tb_logger'] = False
@@ -52,45 +74,31 @@ def test_auto_resume_after_a_random_sigkill(tiny_pairs, tmp_path):
     exp = tmp_path / 'experiments' / 'killed'
     states = exp / 'training_states'
 
-    pid = forking.start(train.main, str(tmp_path / 'killed.log'), cwd=str(tmp_path), argv=['dtkd-train', '-opt', yml])
-    # a random moment: after the k-th save (k = 1..5 of 10), a little later (inside an iteration or a save)
-    first_state = states / f'{SAVE_FREQ * random.randint(1, 5)}.state'
-    deadline = time.time() + 120
-    while not first_state.exists() and time.time() < deadline:
-        time.sleep(0.002)
-    time.sleep(random.uniform(0, 0.05))
-    assert forking.kill(pid) == -9, open(tmp_path / 'killed.log').read()[-3000:]
-
+    code, out = forking.run(train_with_log_name('killed'), str(tmp_path / 'killed.out'), cwd=str(tmp_path),
+                            argv=['dtkd-train', '-opt', yml], env={FAULT_ENV: fault})
+    assert code == -signal.SIGKILL, out[-3000:]
     saved = sorted(int(n.split('.')[0]) for n in os.listdir(states) if n.endswith('.state'))
-    assert saved and saved[-1] < TOTAL, saved
-    last = saved[-1]
+    assert saved == list(range(SAVE_FREQ, last + 1, SAVE_FREQ))
     for it in saved:  # everything the killed run left is loadable
         assert torch.load(states / f'{it}.state', weights_only=True)['iter'] == it
+    for it in range(SAVE_FREQ, KILLED_AT + 1, SAVE_FREQ):  # the network of the killed save was complete
         torch.load(exp / 'models' / f'net_g_{it}.pth', weights_only=True)
-    killed_log = glob.glob(str(exp / 'train_*.log'))
-    assert len(killed_log) == 1
-    time.sleep(1.1)  # BasicSR names logs by the second
+    killed_log = exp / 'train_killed_killed.log'
+    before = logged(killed_log)
+    assert sorted(before) == list(range(1, KILLED_AT + 1))  # logged up to the save it died in
 
-    code, out = forking.run_entry_point(train, ['dtkd-train', '-opt', yml, '--auto_resume'],
-                                        str(tmp_path / 'resumed.log'), str(tmp_path))
+    code, out = forking.run(train_with_log_name('resumed'), str(tmp_path / 'resumed.out'), cwd=str(tmp_path),
+                            argv=['dtkd-train', '-opt', yml, '--auto_resume'])
     assert code == 0, out[-3000:]
-    resumed_log = [p for p in glob.glob(str(exp / 'train_*.log')) if p not in killed_log]
-    assert len(resumed_log) == 1
-    text = open(resumed_log[0]).read()
+    text = open(exp / 'train_killed_resumed.log').read()
     assert 'Resuming training from epoch: ' in text and f'iter: {last}.' in text
     assert re.search(rf'Loading \w+ model from .*net_g_{last}\.pth', text)
-    before, after = logged(killed_log[0]), logged(resumed_log[0])
-    assert sorted(after) == list(range(last + 1, TOTAL + 1))  # continues right after the saved iteration
-    assert max(before) >= last
+    after = logged(exp / 'train_killed_resumed.log')
+    assert sorted(after) == list(range(last + 1, TOTAL + 1))  # continues right after the complete state
     for values in (before, after):
         for it, (lr, lam) in values.items():
-            assert lam == pytest_approx(2.0 * it / TOTAL), (it, lam)
-            assert lr == pytest_approx(expected_lr(it)), (it, lr)
+            assert lam == pytest.approx(2.0 * it / TOTAL, rel=1e-3, abs=1e-9), (it, lam)
+            assert lr == pytest.approx(expected_lr(it), rel=1e-3, abs=1e-9), (it, lr)
+    assert not [n for n in os.listdir(states) if n.endswith('.tmp')]  # the resumed run replaced the leftover
     final = torch.load(exp / 'models' / 'net_g_latest.pth', weights_only=True)['params']
     assert all(torch.isfinite(v).all() for v in final.values())
-
-
-def pytest_approx(value):
-    import pytest
-
-    return pytest.approx(value, rel=1e-3, abs=1e-9)

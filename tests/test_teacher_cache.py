@@ -26,9 +26,10 @@ import dtkd_arch  # noqa: F401  (registers the architectures)
 import dtkd_data  # noqa: F401  (registers the datasets)
 from conftest import REPO, bicubic_down, photo, run_cli, tiny_teacher_options, write_rgb, write_yaml
 from dtkd_compat import OptionError
+from dtkd_data.image_io import png_info
 from dtkd_data.lmdb_tools import read_meta_info, write_image_lmdb
 from dtkd_data.paired_teacher_dataset import PairedTeacherDataset
-from dtkd_teacher.cache import generate_teacher_outputs, key_seed, png_shape
+from dtkd_teacher.cache import generate_teacher_outputs, key_seed
 
 SCRIPT = os.path.join(REPO, 'scripts', 'generate_teacher_outputs.py')
 STEPS = 2
@@ -137,7 +138,8 @@ def test_lmdb_cache_from_lmdb_batched_matches_folder_and_feeds_the_dataset(teach
     for key, png in entries.items():
         ref = cv2.imread(os.path.join(reference, f'{key}.png'), cv2.IMREAD_UNCHANGED)
         np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED), ref)
-        assert png_shape(png) == ref.shape
+        info = png_info(png)  # the PNG header parser the cache builds meta_info.txt with
+        assert (info.h, info.w, info.channels) == ref.shape
     with open(os.path.join(out, 'meta_info.txt')) as f:
         assert f.read() == 'img0.png (64,64,3) 1\nimg1.png (64,64,3) 1\nimg2.png (48,80,3) 1\n'
     assert read_meta_info(out) == {'img0': (64, 64, 3), 'img1': (64, 64, 3), 'img2': (48, 80, 3)}
