@@ -45,15 +45,13 @@ def dtkd_import_in_progress():
 
 
 def register():
-    """Import :data:`PACKAGES` so the DTKD classes enter BasicSR's registries, once.
+    """Import :data:`PACKAGES` so the DTKD classes enter BasicSR's registries; tried once.
 
-    Returns True when they are registered. Does nothing (returns False) while a DTKD module is half
-    imported or while registering; a failure is reported as one warning and not retried.
+    Does nothing while a DTKD module is half imported (a later call does it) or while registering;
+    a failure is reported as one warning and not retried.
     """
-    if _state['registered']:
-        return True
-    if _state['registering'] or dtkd_import_in_progress():
-        return False
+    if _state['registered'] or _state['registering'] or dtkd_import_in_progress():
+        return
     _state['registering'] = True
     try:
         for name in PACKAGES:
@@ -64,8 +62,7 @@ def register():
                       f'set {ENV_VAR}=0 to stop trying', RuntimeWarning, stacklevel=2)
     finally:
         _state['registering'] = False
-        _state['registered'] = True  # registered, or failed and reported once
-    return True
+        _state['registered'] = True  # done, or failed and reported once
 
 
 def _allow_scheduler_states():
@@ -101,7 +98,7 @@ def _patch_registry():
 def _before_basicsr():
     try:
         importlib.import_module('dtkd_compat')  # the torchvision shim basicsr 1.4.2 needs
-    except Exception:  # noqa: S110  (basicsr then reports the missing module itself)
+    except Exception:  # basicsr then reports the missing module itself
         pass
 
 
@@ -158,6 +155,7 @@ class BasicsrImportHook:
 
 
 def installed():
+    """Whether the hook is in ``sys.meta_path`` (it leaves once basicsr is imported)."""
     return any(isinstance(finder, BasicsrImportHook) for finder in sys.meta_path)
 
 
@@ -169,4 +167,5 @@ def install():
 
 
 def uninstall():
+    """Remove the hook from ``sys.meta_path``."""
     sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, BasicsrImportHook)]

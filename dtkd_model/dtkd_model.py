@@ -17,6 +17,7 @@ Checkpoints and training states are written atomically and only when finite; a s
 gradients hold NaN/Inf is skipped, and ``train.max_nonfinite_steps`` consecutive ones stop training
 (:mod:`dtkd_model.safe_training`).
 """
+import logging
 from collections import OrderedDict
 from copy import deepcopy
 from os import path as osp
@@ -51,6 +52,25 @@ class DTKDModel(SafeTrainingMixin, SRModel):
     @staticmethod
     def _check_options(opt):
         check_model_options(opt, bool(opt.get('is_train')))
+
+    def print_network(self, net):
+        """BasicSR's network summary, but the module tree (hundreds of lines) goes to the log file only;
+        the console gets the class and parameter count."""
+        logger = get_root_logger()
+        consoles = [h for h in logger.handlers if type(h) is logging.StreamHandler]
+        levels = [h.level for h in consoles]
+        for handler in consoles:
+            handler.setLevel(logging.WARNING)
+        try:
+            super().print_network(net)
+        finally:
+            for handler, level in zip(consoles, levels):
+                handler.setLevel(level)
+        bare = self.get_bare_model(net)
+        count = sum(p.numel() for p in bare.parameters())
+        summary = f'Network: {type(bare).__name__}, {count:,d} parameters (structure in the log file)'
+        for handler in consoles:
+            handler.handle(logging.LogRecord(logger.name, logging.INFO, __file__, 0, summary, None, None))
 
     def model_to_device(self, net):
         # BasicSR passes device_ids=[current CUDA device] to DDP, which fails on a CPU process group.
@@ -164,6 +184,40 @@ class DTKDModel(SafeTrainingMixin, SRModel):
             net.train()
 
     # ------------------------------------------------------------------ validation
+    def validation(self, dataloader, current_iter, tb_logger, save_img=False):
+        """BasicSR's validation, labelled with the iteration of the weights it evaluates.
+
+        BasicSR's runner validates once more after its loop with a counter that has run past
+        ``train.total_iter`` (by one per epoch boundary); those are the final weights, so they are
+        labelled ``total_iter``, and skipped when that iteration was validated already.
+        """
+        if self.opt['is_train']:
+            total = int(self.opt['train']['total_iter'])
+            current_iter = min(current_iter, total)
+            done = self.__dict__.setdefault('_validated', set())
+            key = (dataloader.dataset.opt['name'], current_iter)
+            if key in done:
+                get_root_logger().info(f'Validation {key[0]}: iteration {current_iter} was validated already')
+                return
+            done.add(key)
+        super().validation(dataloader, current_iter, tb_logger, save_img)
+
+    def _log_validation_metric_values(self, current_iter, dataset_name, tb_logger):
+        """The metric values; the best value so far only once there is more than one validation to compare."""
+        counts = self.__dict__.setdefault('_validation_counts', {})
+        counts[dataset_name] = counts.get(dataset_name, 0) + 1
+        lines = [f'Validation {dataset_name} @ iter {current_iter}']
+        for metric, value in self.metric_results.items():
+            line = f'\t # {metric}: {value:.4f}'
+            best = getattr(self, 'best_metric_results', {}).get(dataset_name, {}).get(metric)
+            if best is not None and counts[dataset_name] > 1:
+                line += f'\tBest: {best["val"]:.4f} @ {best["iter"]} iter'
+            lines.append(line)
+        get_root_logger().info('\n'.join(lines) + '\n')
+        if tb_logger:
+            for metric, value in self.metric_results.items():
+                tb_logger.add_scalar(f'metrics/{dataset_name}/{metric}', value, current_iter)
+
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         """SRModel's validation plus per-image metric records and, in test runs, result files."""
         dataset_name = dataloader.dataset.opt['name']
@@ -218,7 +272,9 @@ class DTKDModel(SafeTrainingMixin, SRModel):
                 self._update_best_metric_result(dataset_name, metric, self.metric_results[metric], current_iter)
             self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
             if recorder is not None:
-                recorder.write()
+                paths = recorder.write()
+                get_root_logger().info(f"Results: {paths['json']} and {paths['markdown']} (means), "
+                                       f"{', '.join(paths['csv'].values())} (per image)")
 
     def _results_recorder(self):
         """One recorder per test run, shared by all its datasets (summary files list every dataset)."""

@@ -144,6 +144,29 @@ def read_keys(name):
     return rows
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread during the test (e.g. to compare bytes with forked children, which use one);
+    the previous thread count is restored afterwards, so later tests are not slowed down."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def free_port():
+    """A TCP port that is free on 127.0.0.1 now (for a process group's master port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 def run_cli(args, cwd, env_extra=None, timeout=300):
     """Run a command with the repository importable; returns the CompletedProcess (text)."""
     env = dict(os.environ)

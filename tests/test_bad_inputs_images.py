@@ -222,7 +222,9 @@ def test_teacher_size_mismatch_refused_at_construction(bad_set):
         PairedTeacherDataset(dataset_opt(bad_set))
     message = str(info.value)  # every problem at once, each file named
     assert 'teacher_mismatch (teacher 60x64, GT 64x64)' in message
-    assert '1 image(s) cannot be read' in message and 'empty.png' in message
+    # sizes come from the shared header reader, which also finds truncated files
+    assert '2 image(s) cannot be read' in message and 'empty.png is empty' in message
+    assert 'trunc_jpg.jpg is truncated' in message
 
 
 def test_validation_images_smaller_than_the_window_work(tmp_path):

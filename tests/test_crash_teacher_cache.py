@@ -1,36 +1,49 @@
-"""The teacher cache survives SIGKILL at any moment: killed at random points several times, then
-completed, its LMDB holds byte for byte what an uninterrupted run writes.
+"""The teacher cache survives SIGKILL: killed at several exact points, then completed, its LMDB holds
+byte for byte what an uninterrupted run writes.
 
 A tiny ResShift teacher with seeded random weights (real checkpoint files) over eight LQ photographs.
 The uninterrupted reference runs in the test process; the interrupted runs are forks of it, each
-SIGKILLed at a random moment after a random number of committed entries, the last one run to the
-end. Both use one CPU thread, so float reductions (and hence bytes) are comparable.
+killing itself at a named point (``DTKD_FAULT_INJECT``, see ``dtkd_compat.fault_point``):
+
+1. right after the 2nd entry's transaction is committed        -> 2 entries stored;
+2. (resumed) inside the 2nd transaction, after its ``put``, before its commit
+   -> the 1st new entry is stored, the uncommitted one is not: 3 entries;
+3. (resumed) after every entry, before ``meta_info.txt`` is renamed into place
+   -> 8 entries, but no ``meta_info.txt``;
+
+then a last run completes it. After each kill the LMDB opens, holds exactly the committed entries,
+and never looks complete to BasicSR (``lmdb_is_complete``) until the end. Both sides use one CPU
+thread, so float reductions (and hence bytes) are comparable.
 """
 import os
-import random
-import time
+import signal
 
 import forking
 import lmdb
 import pytest
-import torch
 
 from conftest import bicubic_down, photo, tiny_teacher_options, write_rgb
+from dtkd_compat import FAULT_ENV
 from dtkd_data.lmdb_tools import lmdb_is_complete
 from dtkd_teacher.cache import RECORD_NAME, generate_teacher_outputs
 
 CROPS = [('astronaut', 100, 180), ('coffee', 150, 200), ('chelsea', 80, 200), ('rocket', 100, 300),
          ('astronaut', 300, 300), ('coffee', 50, 400), ('chelsea', 100, 150), ('rocket', 200, 200)]
+KEYS = [f'k{i}' for i in range(len(CROPS))]
+# (fault, entries stored after the kill)
+KILLS = [('teacher_cache.committed@2', 2),
+         ('teacher_cache.before_commit@2', 3),
+         ('atomic_write.before_replace:meta_info.txt', len(CROPS))]
 
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp('cache_kill')
     opt = tiny_teacher_options(root, seed=123, steps=2)
-    for i, (name, y, x) in enumerate(CROPS):
+    for key, (name, y, x) in zip(KEYS, CROPS):
         gt = photo(name)[y:y + 64, x:x + 64]
-        write_rgb(str(root / 'gt' / f'k{i}.png'), gt)
-        write_rgb(str(root / 'lq' / f'k{i}.png'), bicubic_down(gt, 4))
+        write_rgb(str(root / 'gt' / f'{key}.png'), gt)
+        write_rgb(str(root / 'lq' / f'{key}.png'), bicubic_down(gt, 4))
     return root, opt
 
 
@@ -44,55 +57,37 @@ def contents(path):
     return entries, side
 
 
-def committed(path):
-    if not os.path.isfile(os.path.join(path, 'data.mdb')):
-        return 0
+def stored(path):
+    """{key: bytes} of the committed entries."""
     env = lmdb.open(path, readonly=True, lock=False)
     try:
-        return env.stat()['entries']
+        with env.begin() as txn:
+            return {k.decode(): bytes(v) for k, v in txn.cursor()}
     finally:
         env.close()
 
 
-def test_random_sigkills_then_completion_equal_an_uninterrupted_run(setup, tmp_path):
+def test_sigkills_at_named_points_then_completion_equal_an_uninterrupted_run(setup, tmp_path, one_thread):
     root, opt = setup
 
     def run(out):
         return generate_teacher_outputs(opt, str(root / 'lq'), out, gt_path=str(root / 'gt'), seed=3,
                                         progress=False)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the children
-    try:
-        reference = str(tmp_path / 'reference.lmdb')
-        start = time.time()
-        assert run(reference)['written'] == len(CROPS)
-        per_image = (time.time() - start) / len(CROPS)
-    finally:
-        torch.set_num_threads(threads)
+    reference = str(tmp_path / 'reference.lmdb')
+    assert run(reference)['written'] == len(CROPS)  # one thread, as in the children (one_thread fixture)
+    expected, _ = contents(reference)
 
     out = str(tmp_path / 'killed.lmdb')
-    rng = random.Random()
-    partial_kills = 0
-    for kill in range(3):
-        done = committed(out)
-        if done >= len(CROPS) - 1:
-            break
-        target = rng.randint(done + 1, max(done + 1, len(CROPS) - 5 + 2 * kill))  # room for the next kills
-        pid = forking.start(lambda: run(out), str(tmp_path / 'child.log'))
-        deadline = time.time() + 120
-        while committed(out) < target and time.time() < deadline:
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0, per_image))  # anywhere inside the next image's sampling or commit
-        code = forking.kill(pid)
-        if code == 0:  # finished before the kill landed
-            break
-        assert code == -9, open(tmp_path / 'child.log').read()[-3000:]
-        if committed(out) < len(CROPS):
-            partial_kills += 1
-            assert not lmdb_is_complete(out)  # an interrupted cache never looks usable to BasicSR
-    assert partial_kills >= 2
+    for fault, count in KILLS:
+        code, log = forking.run(lambda: run(out), str(tmp_path / 'child.log'), env={FAULT_ENV: fault})
+        assert code == -signal.SIGKILL, f'{fault}: {log[-3000:]}'
+        entries = stored(out)
+        assert entries == {key: expected[key] for key in KEYS[:count]}, fault  # keys are processed in order
+        assert not os.path.exists(os.path.join(out, 'meta_info.txt'))
+        assert not lmdb_is_complete(out)  # an interrupted cache never looks usable to BasicSR
     code, log = forking.run(lambda: run(out), str(tmp_path / 'child.log'))
     assert code == 0, log[-3000:]
     assert lmdb_is_complete(out)
     assert contents(out) == contents(reference)
+    assert not [n for n in os.listdir(out) if n.startswith('.')]  # the temporary meta_info.txt was cleaned up

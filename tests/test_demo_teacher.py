@@ -101,7 +101,7 @@ def detail(img):
     return float(F.conv2d(img, lap, groups=3).pow(2).mean())
 
 
-def test_committed_demo_teacher_is_a_trained_generative_model():
+def test_committed_demo_teacher_is_a_trained_generative_model(one_thread):
     """The committed checkpoint loads strictly into the option file's network and is trained: on
     held-out photographs (not in the demo's training set; x4 MATLAB bicubic LR, as the demo's data) its
     15-step output is near bicubic interpolation in PSNR and far from the untrained network's, and it
@@ -116,7 +116,6 @@ def test_committed_demo_teacher_is_a_trained_generative_model():
     torch.manual_seed(0)
     untrained = ResShiftTeacher(ResShiftUNet(**{k: v for k, v in opt['unet'].items() if k not in ('type', 'ckpt')}),
                                 teacher.autoencoder, opt['diffusion'], pad_multiple=16, device='cpu')
-    torch.set_num_threads(1)
     for name, (y, x) in (('coffee', (150, 300)), ('chelsea', (60, 180)), ('camera', (100, 100))):
         gt_np = photo(name)[y:y + 96, x:x + 96].astype(np.float64) / 255
         lq_np = np.clip(np.round(imresize(gt_np, 0.25) * 255), 0, 255) / 255

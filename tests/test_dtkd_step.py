@@ -18,9 +18,9 @@ magnitude below what a dropped or re-weighted term changes, which each test also
 mis-specified references (KD term dropped, equal group weights, the wrong lambda). The gradients
 are read inside ``optimizer_g.step`` (wrapped), i.e. exactly what the optimizer receives.
 
-The student is a tiny BasicSR SwinIR (the tests' ``TINY_STUDENT``; ``SwinIRStudent`` computes the
-same on window-multiple inputs) with stochastic depth off (``drop_path_rate: 0``), so it is a
-deterministic function of its weights and the reference forward pass equals the model's.
+The student is the paper's ``SwinIRStudent`` at a tiny size (the tests' ``TINY_STUDENT`` sizes) with
+stochastic depth off (``drop_path_rate: 0``), so it is a deterministic function of its weights and
+the reference forward pass equals the model's.
 """
 import copy
 
@@ -102,7 +102,7 @@ def test_reference_haar_is_orthonormal_and_lambda_table_is_the_schedule():
 
 # ---------------------------------------------------------------------------------- model and batch
 def student_options():
-    return dict(TINY_STUDENT, drop_path_rate=0.0)
+    return dict(TINY_STUDENT, type='SwinIRStudent', drop_path_rate=0.0)
 
 
 def model_options(tiny_pairs, model_type='DTKDModel', gt_size=32, augkd=None):

@@ -151,22 +151,23 @@ def test_python_dtkd_train_and_test_scripts(tiny_pairs, tmp_path):
 
 @pytest.mark.slow
 def test_basicsrs_own_runner_trains_the_dtkd_model(tiny_pairs, tmp_path):
-    """``python basicsr/train.py -opt ...`` in a BasicSR checkout (a copy of the installed basicsr package,
-    found through PYTHONPATH=. as BasicSR's documentation says): the DTKD classes come from the .pth hook."""
+    """BasicSR's runner in a BasicSR checkout (a copy of the installed basicsr package, importable through
+    PYTHONPATH=. as BasicSR's documentation says), started both ways: ``python basicsr/train.py`` and
+    ``python -m basicsr.train``. The DTKD classes come from the .pth hook."""
     import basicsr
 
     checkout = tmp_path / 'BasicSR'
     shutil.copytree(os.path.dirname(basicsr.__file__), checkout / 'basicsr',
                     ignore=shutil.ignore_patterns('__pycache__'))
-    _, yml = tiny_train_yaml(tiny_pairs, tmp_path, 'basicsr_runner')
-    proc = run_py(['basicsr/train.py', '-opt', yml, '--force_yml', 'train:total_iter=2', 'val:val_freq=2'],
-                  checkout, {'PYTHONPATH': '.'})
-    assert_ok(proc)
-    exp = checkout / 'experiments' / 'basicsr_runner'
-    assert sorted(os.listdir(exp / 'models')) == ['net_g_2.pth', 'net_g_latest.pth']
-    log = open(glob.glob(str(exp / 'train_*.log'))[0]).read()
-    assert 'Model [DTKDModel] is created.' in log and re.search(r'iter: +2, ', log)
-    # the runner used the checkout's basicsr, not the installed one
     proc = run_py(['-c', "import importlib.util; print(importlib.util.find_spec('basicsr').origin)"], checkout,
                   {'PYTHONPATH': '.'})
-    assert proc.stdout.strip() == str(checkout / 'basicsr' / '__init__.py')
+    assert proc.stdout.strip() == str(checkout / 'basicsr' / '__init__.py')  # the checkout's basicsr runs
+    for name, start in (('basicsr_script', ['basicsr/train.py']), ('basicsr_module', ['-m', 'basicsr.train'])):
+        _, yml = tiny_train_yaml(tiny_pairs, tmp_path, name)
+        proc = run_py([*start, '-opt', yml, '--force_yml', 'train:total_iter=2', 'val:val_freq=2'], checkout,
+                      {'PYTHONPATH': '.'})
+        assert_ok(proc)
+        exp = checkout / 'experiments' / name  # BasicSR's root: the folder above its basicsr package
+        assert sorted(os.listdir(exp / 'models')) == ['net_g_2.pth', 'net_g_latest.pth']
+        log = open(glob.glob(str(exp / 'train_*.log'))[0]).read()
+        assert 'Model [DTKDModel] is created.' in log and re.search(r'iter: +2, ', log)

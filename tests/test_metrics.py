@@ -61,6 +61,14 @@ def _load_metric_options():
         return yaml.safe_load(f)['val']['metrics']
 
 
+@pytest.fixture(autouse=True)
+def isolated_network_cache(monkeypatch):
+    """Each test starts with an empty metric-network cache (``perceptual_metric._NETWORKS``) of its own,
+    and the session's cache is put back afterwards: counts of cached networks do not depend on which
+    tests (here or in other files) ran before."""
+    monkeypatch.setattr(pm, '_NETWORKS', {})
+
+
 # ---------------------------------------------------------------- PSNR / SSIM vs scikit-image
 
 @pytest.mark.parametrize('photo', ['astronaut', 'coffee', 'chelsea'])
@@ -149,7 +157,7 @@ def _pyiqa_reference(metric, pretrained_model_path, *images):
     return float(ref(*images).reshape(-1)[0])
 
 
-def test_lpips_matches_pyiqa_and_is_cached(random_weights):
+def test_lpips_matches_pyiqa_and_builds_one_network_per_run(random_weights):
     sr, gt = _photo_pair('coffee', size=64)
     opts = _load_metric_options()['lpips']
     value = calculate_metric(dict(img=_bgr(sr), img2=_bgr(gt)), opts)
@@ -217,7 +225,7 @@ def test_wrong_or_corrupt_weight_files_are_named(random_weights, tmp_path):
         pm.calculate_musiq(_bgr(sr), weights_path=str(wrong))
 
 
-def test_musiq_matches_pyiqa(random_weights):
+def test_musiq_matches_pyiqa_and_builds_one_network(random_weights):
     sr, gt = _photo_pair('chelsea', size=64)
     opts = _load_metric_options()['musiq']
     value = calculate_metric(dict(img=_bgr(sr), img2=_bgr(gt)), opts)
@@ -226,7 +234,7 @@ def test_musiq_matches_pyiqa(random_weights):
     assert sum(1 for key in pm._NETWORKS if key[0] == 'musiq') == 1
 
 
-def test_every_metric_of_the_option_file_runs(random_weights):
+def test_option_file_metrics_resolve_with_defaults_and_their_weights_present(random_weights):
     opts = _load_metric_options()
     del opts['niqe']['better']
     metrics, warnings = resolve_metrics(opts)
@@ -236,7 +244,7 @@ def test_every_metric_of_the_option_file_runs(random_weights):
     assert check_metric_weights(opts) == []
 
 
-def test_image_conversion_bgr_to_rgb():
+def test_image_to_tensor_converts_bgr_to_rgb_crops_the_border_and_checks_the_shape():
     img = np.zeros((6, 5, 3), np.uint8)
     img[..., 0] = 255  # blue in BGR
     x = pm.image_to_tensor(img, crop_border=1)

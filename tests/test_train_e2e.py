@@ -137,7 +137,9 @@ def test_two_process_cpu_training_under_torchrun(tiny_pairs, tmp_path):
     opt = train_options(tiny_pairs, 'tiny_ddp', total_iter=2, kd_opt=DWT, save_freq=2)
     opt['val'] = None
     yml = write_yaml(tmp_path / 'ddp.yml', opt)
-    proc = run_cli(['-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29633',
+    # --standalone: the launcher's rendezvous store takes a port the OS picks (no fixed port, no race with
+    # another run on the machine)
+    proc = run_cli(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                     '-m', 'dtkd.train', '-opt', yml, '--launcher', 'pytorch'], cwd=tmp_path, timeout=400)
     assert_ok(proc)
     exp = tmp_path / 'experiments' / 'tiny_ddp'
