@@ -21,10 +21,12 @@ there) and :func:`dtkd_model.options.check_paths` the paths; then
 """
 import argparse
 import collections
+import copy
 import importlib
 import os
 import random
 import sys
+import time
 from os import path as osp
 
 import torch
@@ -46,7 +48,9 @@ def register_all():
 def apply_force_yml(opt, entries):
     """Apply ``--force_yml a:b:c=value`` overrides. Values are parsed as YAML scalars/lists.
 
-    Like BasicSR, only existing keys can be overridden; unlike BasicSR, nothing is evaluated.
+    The path up to the last key must exist; the last key may be new (e.g.
+    ``val:metrics:lpips:optional=true``): the option checks that follow refuse keys a block does not
+    know. Unlike BasicSR, nothing is evaluated.
     """
     for entry in entries or []:
         if '=' not in entry:
@@ -60,10 +64,11 @@ def apply_force_yml(opt, entries):
                               f'{str(err).splitlines()[0]}') from None
         node = opt
         for i, key in enumerate(keys):
-            if not isinstance(node, dict) or key not in node:
+            last = i == len(keys) - 1
+            if not isinstance(node, dict) or (key not in node and not last):
                 raise OptionError(f'--force_yml {entry!r}: option {":".join(keys[:i + 1])!r} does not exist '
-                                  '(only existing keys can be overridden)')
-            if i == len(keys) - 1:
+                                  '(a new key can only be added to an existing block)')
+            if last:
                 node[key] = value
             else:
                 node = node[key]
@@ -111,6 +116,46 @@ def init_distributed(launcher, dist_params=None):
     dist.init_process_group(backend=backend)
 
 
+_EFFECTIVE = []  # the options as run: the file with --force_yml applied, before runtime entries are added
+
+
+def save_effective_options(opt_file, experiments_root):
+    """Replacement for BasicSR's ``copy_opt_file``: save the options the run really uses (``--force_yml``
+    applied) under the option file's name, with the command line, so ``-opt`` of the run reproduces it."""
+    from dtkd_compat import atomic_write
+
+    header = (f'# Options of this run: {opt_file} with the command line overrides applied.\n'
+              f'# Written: {time.asctime()}\n# Command: {" ".join(sys.argv)}\n\n')
+    body = yaml.safe_dump(_EFFECTIVE[0] if _EFFECTIVE else load_yaml(opt_file), sort_keys=False)
+    atomic_write(osp.join(experiments_root, osp.basename(opt_file)), header + body)
+
+
+def test_options_of_training_file(opt, opt_file, root_path):
+    """``dtkd-test -opt <training option file>``: evaluate the run's checkpoint on its validation sets.
+
+    The training data set and block are dropped; the checkpoint is ``path.pretrain_network_g`` if set,
+    else the run's latest (``experiments/<name>/models/net_g_latest.pth``).
+    """
+    opt = dict(opt)
+    opt['datasets'] = {k: v for k, v in (opt.get('datasets') or {}).items() if k.split('_')[0] != 'train'}
+    if not opt['datasets']:
+        raise OptionError(f'-opt {opt_file}: a training option file without a validation data set '
+                          '(datasets.val) has nothing to test')
+    opt.pop('train', None)
+    opt['path'] = dict(opt.get('path') or {})
+    opt['path'].pop('resume_state', None)
+    if not opt['path'].get('pretrain_network_g'):
+        name = str(opt.get('name'))
+        looked = [osp.join(root_path, 'experiments', name, 'models', 'net_g_latest.pth'),
+                  osp.join(osp.dirname(osp.abspath(opt_file)), 'models', 'net_g_latest.pth')]
+        found = [p for p in looked if osp.isfile(p)]
+        if not found:
+            raise OptionError(f'-opt {opt_file}: no checkpoint to test: path.pretrain_network_g is not set and '
+                              f'the run has no latest checkpoint (looked for {" and ".join(looked)})')
+        opt['path']['pretrain_network_g'] = found[0]
+    return opt
+
+
 def parse_options(root_path, is_train=True, argv=None):
     """Drop-in replacement for ``basicsr.utils.options.parse_options`` (same flags, same result)."""
     from basicsr.utils import set_random_seed
@@ -128,9 +173,12 @@ def parse_options(root_path, is_train=True, argv=None):
 
     opt = load_yaml(args.opt)
     apply_force_yml(opt, args.force_yml)
+    if not is_train and 'train' in opt:
+        opt = test_options_of_training_file(opt, args.opt, root_path)
     validate_options(opt, is_train)
     check_paths(opt)
     resolve_metric_weights(opt)
+    _EFFECTIVE[:] = [copy.deepcopy(opt)]  # what copy_opt_file saves with a training run
 
     if args.launcher == 'none':
         opt['dist'] = False
@@ -232,6 +280,7 @@ def run(pipeline_module, pipeline_name, is_train):
     pipeline_module.parse_options = lambda root_path, is_train=is_train: parse_options(root_path, is_train)
     if is_train:
         pipeline_module.load_resume_state = load_resume_state
+        pipeline_module.copy_opt_file = save_effective_options
     from dtkd_model.safe_training import NonFiniteError
 
     try:

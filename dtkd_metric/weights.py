@@ -152,7 +152,9 @@ def missing_weights_message(problems):
         f'which puts them in the torch hub cache ({torch_hub_dir()}; set TORCH_HOME to choose another), '
         'and copy that cache to this machine;',
         'or point val.metrics.<name>.weights_path / backbone_path at the files;',
-        'or set val.metrics.<name>.optional: true to skip that metric with a warning.',
+        'or skip a metric with a warning: set val.metrics.<name>.optional: true in the option file, or add',
+        '  --force_yml val:metrics:<name>:optional=true',
+        'to the command (one entry per metric, e.g. val:metrics:lpips:optional=true).',
     ]
     return '\n'.join(lines)
 

@@ -18,9 +18,8 @@ initialisation, plus small random values in the layers both initialise to zero, 
 counts) and times the official sampling (``sampler.py: ResShiftSampler.sample_func`` on an LR
 patch: ``p_sample_loop`` with encoding and decoding, then clamping) against ``ResShiftTeacher.sample``
 side by side, alternating, with the same global seed: it prints the median times, the speed-up and
-the largest absolute difference of the two outputs (images in [0, 1]). A third run in the same
-rounds, ``ResShiftTeacher`` with every 3x3 convolution in oneDNN's direct algorithm
-(``cpu_kernels.using_conv_algorithm('direct')``), shows what the Winograd convolutions contribute.
+the largest absolute difference of the two outputs (images in [0, 1]), and where the time of this
+teacher goes (rate of the UNet, encoder and decoder against a plain 3x3 convolution measured here).
 """
 import argparse
 import os
@@ -29,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dtkd_model  # noqa: E402,F401  (makes basicsr importable)
+import dtkd_compat  # noqa: E402,F401  (must precede basicsr)
 
 # isort: split
 import torch  # noqa: E402
@@ -46,7 +45,6 @@ from benchmark_common import (  # noqa: E402
     teacher_flops,
 )
 
-from dtkd_arch import cpu_kernels  # noqa: E402
 from dtkd_compat import OptionError  # noqa: E402
 
 
@@ -139,15 +137,7 @@ def compare_official(args, opt, teacher, device, size):
         torch.manual_seed(seed)
         return official_sample(unet, autoencoder, diffusion, lq, teacher.pad_multiple)
 
-    def direct(seed):
-        timer.active = False  # the component table is about the default DTKD sampler
-        try:
-            with cpu_kernels.using_conv_algorithm('direct'):
-                return ours(seed)
-        finally:
-            timer.active = True
-
-    runs = {'official': official, 'DTKD': ours, 'DTKD, direct convolutions': direct}
+    runs = {'official': official, 'DTKD': ours}
     flops = teacher_flops(teacher, *size)[:3]  # before the timer wraps encode and decode
     timer = ComponentTimer(teacher)
     times = {name: [] for name in runs}
@@ -165,10 +155,8 @@ def compare_official(args, opt, teacher, device, size):
                 times[name].append(time.perf_counter() - start)
             print(f'  round {r} {name}: {time.perf_counter() - start:.2f} s', file=sys.stderr)
     diff = (outputs['official'] - outputs['DTKD']).abs().max().item()
-    diff_direct = (outputs['official'] - outputs['DTKD, direct convolutions']).abs().max().item()
     med = {name: statistics.median(v) for name, v in times.items()}
     paired = statistics.median(a / b for a, b in zip(times['official'], times['DTKD']))
-    paired_direct = statistics.median(a / b for a, b in zip(times['DTKD, direct convolutions'], times['DTKD']))
     rows = [[name, f'{med[name]:.2f}', f'{med["official"] / med[name]:.2f}x'] for name in runs]
     extra = ''
     if args.compare_bf16:
@@ -194,10 +182,7 @@ def compare_official(args, opt, teacher, device, size):
           f'{args.repeats} timed image(s) each, alternating, after one untimed round.\n')
     print(markdown_table(['Implementation', 'Per image (s), median', 'Speed-up vs official'], rows))
     print(f'\nPaired speed-up (median of per-round ratios): {paired:.2f}x; largest |official - DTKD| '
-          f'(fp32, same seed, images in [0, 1]): {diff:.2e}{extra}; with direct convolutions: {diff_direct:.2e}; '
-          f'DTKD against DTKD with direct convolutions, paired: {paired_direct:.2f}x')
-    print(f'3x3 convolutions: DTKD_CPU_CONV={cpu_kernels.conv_algorithm()} (auto: Winograd F(2x2, 3x3) where input '
-          f'and output have at least {cpu_kernels.WINOGRAD_MIN_CHANNELS} channels, oneDNN elsewhere)')
+          f'(fp32, same seed, images in [0, 1]): {diff:.2e}{extra}')
     print_compute_bound(flops, timer, device)
     return 0
 
@@ -218,8 +203,7 @@ def print_compute_bound(flops, timer, device):
         rate = count / seconds / 1e9
         rows.append([name, f'{count / 1e9:.1f}', f'{seconds * 1e3:.1f}', f'{rate:.0f}', f'{rate / peak:.0%}'])
     print(f'\nWhere the DTKD fp32 time goes (mean over the timed rounds; FLOPs: matmul + convolution, 2 per '
-          f'multiply-add, counted for direct convolutions, so Winograd convolutions can exceed 100%). fp32 '
-          f'references measured here: a 3x3 convolution 256 -> 256 channels on 64 x 64 runs at '
+          f'multiply-add). fp32 references measured here: a 3x3 convolution 256 -> 256 channels on 64 x 64 runs at '
           f'{peak:.0f} GFLOP/s, a 2048 x 2048 x 2048 matrix product at {blas:.0f} GFLOP/s.\n')
     print(markdown_table(['Part', 'GFLOP', 'ms', 'GFLOP/s', 'of the 3x3 convolution rate'], rows))
 
@@ -231,7 +215,6 @@ class ComponentTimer:
         self.device = teacher.device
         self.times = {'unet': [], 'encode': [], 'decode': []}
         self._start = None
-        self.active = True  # False: calls are not recorded
         teacher.unet.register_forward_pre_hook(lambda *_: self._begin())
         teacher.unet.register_forward_hook(lambda *_: self._end('unet'))
         ae = teacher.autoencoder
@@ -245,8 +228,7 @@ class ComponentTimer:
 
     def _end(self, name):
         sync(self.device)
-        if self.active:
-            self.times[name].append(time.perf_counter() - self._start)
+        self.times[name].append(time.perf_counter() - self._start)
 
     def _wrap(self, fn, name):
         def timed(*args, **kwargs):

@@ -121,8 +121,10 @@ def test_force_yml_values_are_data_not_code(tiny_pairs, tmp_path):
     apply_force_yml(opt, [f'name={expr}', 'train:total_iter=7', 'network_g:depths=[2, 2]'])
     assert opt['name'] == expr and opt['train']['total_iter'] == 7 and opt['network_g']['depths'] == [2, 2]
     assert not marker.exists()
-    with pytest.raises(OptionError, match="'train:total_itr' does not exist"):
-        apply_force_yml(opt, ['train:total_itr=3'])
+    with pytest.raises(OptionError, match="'trian' does not exist"):
+        apply_force_yml(opt, ['trian:total_iter=3'])
+    apply_force_yml(opt, ['val:metrics:psnr:optional=true'])  # a new key in an existing block
+    assert opt['val']['metrics']['psnr']['optional'] is True
 
     # through the command-line parser of dtkd-train (argparse, --force_yml with several entries)
     from dtkd.launch import parse_options
@@ -132,3 +134,6 @@ def test_force_yml_values_are_data_not_code(tiny_pairs, tmp_path):
                               argv=['-opt', yml, '--force_yml', f'name={expr}', 'train:total_iter=3'])
     assert parsed['name'] == expr and parsed['train']['total_iter'] == 3
     assert not marker.exists()
+    # a misspelt new key is refused by the option checks that follow, with the closest valid key
+    with pytest.raises(OptionError, match=r"train\.total_itr: unknown option; did you mean 'total_iter'"):
+        parse_options(str(tmp_path), is_train=True, argv=['-opt', yml, '--force_yml', 'train:total_itr=3'])
