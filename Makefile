@@ -27,7 +27,7 @@ TEACHER ?= options/demo/resshift_demo_x4.yml
 demo: $(STAMP)
 	$(PY) scripts/run_demo.py --teacher $(TEACHER)
 
-# make bench DEVICE=cuda: the benchmark scripts of the README's Benchmarks section (random weights), each
+# make bench DEVICE=cuda: the benchmark scripts of docs/benchmarks.md (random weights), each
 # table written to results/bench/<script>.md (printed at the end; a failing script stops the target)
 DEVICE ?= auto
 bench: $(STAMP)
@@ -35,8 +35,7 @@ bench: $(STAMP)
 	$(PY) scripts/benchmark_student.py --device $(DEVICE) --repeats 15 --train-iters 9 > results/bench/benchmark_student.md
 	$(PY) scripts/benchmark_teacher.py --random-weights --device $(DEVICE) --steps 15 1 --repeats 3 > results/bench/benchmark_teacher.md
 	$(PY) scripts/benchmark_complexity.py --random-weights --device $(DEVICE) > results/bench/benchmark_complexity.md
-	$(PY) scripts/benchmark_train_step.py --arch FastSwinIR --iters 15 --warmup 3 \
-		$(if $(filter auto,$(DEVICE)),,--device $(DEVICE)) > results/bench/benchmark_train_step.md
+	$(PY) scripts/benchmark_train_step.py --iters 15 --warmup 3 --device $(DEVICE) > results/bench/benchmark_train_step.md
 	@cat results/bench/*.md
 
 clean:

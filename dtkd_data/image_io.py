@@ -296,7 +296,7 @@ def verify_decodes(data):
                 img.load()
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error, Image.DecompressionBombError) as err:
         message = _first_line(err)
-        if 'truncated' in message or isinstance(err, EOFError):
+        if 'truncated' in message.lower() or isinstance(err, EOFError):
             raise BadImageError(f'is truncated ({message})') from None
         raise BadImageError(f'is corrupt ({message})') from None
 
@@ -388,7 +388,7 @@ def _log_api():
     logging = getattr(getattr(cv2, 'utils', None), 'logging', None)
     if logging is not None and hasattr(logging, 'setLogLevel'):
         return logging.getLogLevel, logging.setLogLevel, logging.LOG_LEVEL_SILENT
-    if hasattr(cv2, 'setLogLevel'):
+    if hasattr(cv2, 'setLogLevel') and hasattr(cv2, 'getLogLevel'):
         return cv2.getLogLevel, cv2.setLogLevel, 0
     return None
 
@@ -432,7 +432,8 @@ def check_png_chunks(data):
         length, kind = struct.unpack('>I4s', data[pos:pos + 8])
         end = pos + 12 + length
         if end > len(data):
-            raise BadImageError(f'is corrupt (its {kind!r} chunk at byte {pos} runs past the end of the file)')
+            raise BadImageError(f'is corrupt (its {kind.decode("latin-1")} chunk at byte {pos} runs past the end '
+                                'of the file)')
         if zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], 'big'):
             raise BadImageError(f'is corrupt (CRC error in its {kind.decode("latin-1")} chunk at byte {pos})')
         if kind == b'IEND':
@@ -446,10 +447,10 @@ def _inspect(data):
     if len(data) == 0:
         raise BadImageError('is empty (0 bytes)')
     if data.startswith(PNG_SIGNATURE) or data.startswith(b'\xff\xd8'):
-        return probe_bytes(data)
+        return probe_bytes(data)  # the project's own parsers: their errors stand
     try:
         return probe_bytes(data)
-    except BadImageError:
+    except BadImageError:  # PIL does not know it (or not this pixel format): OpenCV decides below
         return None
 
 
@@ -480,6 +481,9 @@ def decode_probed(data, info):
         img = img.astype(np.float32)
     if img.dtype not in (np.uint8, np.uint16, np.float32):
         raise BadImageError(f'has unsupported {img.dtype} pixels (8-bit, 16-bit or float expected)')
+    if info is not None and img.dtype != np.float32 and info.depth not in (1, 2, 4, 8, 16):
+        # e.g. a 12-bit JPEG in uint16: its values would be read as if they spanned 16 bits
+        raise BadImageError(f'has {info.depth} bits per channel (8- or 16-bit images expected)')
     if info is not None and info.gray_key is not None and img.ndim == 2:
         transparent = img == info.gray_key  # a gray PNG's tRNS key, which OpenCV ignores
         if transparent.any():

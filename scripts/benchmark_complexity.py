@@ -14,8 +14,8 @@ Conventions:
 * Teacher FLOPs = encoder (x4 bicubic of the padded LR) + steps x UNet + decoder, at the LR size
   padded to ``sampler.pad_multiple`` (64 for the official model), as ``ResShiftTeacher.sample`` runs
   it. Parameters: UNet (the paper's 118.59 M) and UNet + autoencoder.
-* Student: ``network_g`` of ``--student-opt`` (SwinIR-small of options/train_dtkd.yml); FastSwinIR
-  with the same arguments when ``dtkd_arch/fast_swinir_arch.py`` exists.
+* Student: ``network_g`` of ``--student-opt`` (SwinIR-small of options/train_dtkd.yml), timed with its
+  own ``precision`` (``SwinIRStudent``) or under ``torch.autocast`` (other architectures).
 """
 import argparse
 import os
@@ -23,14 +23,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dtkd_model  # noqa: E402,F401  (makes basicsr importable)
+import dtkd_compat  # noqa: E402,F401  (must precede basicsr)
 
 # isort: split
 import torch  # noqa: E402
 from basicsr.utils.registry import ARCH_REGISTRY  # noqa: E402
 from benchmark_common import (  # noqa: E402
     add_teacher_run_arguments,
-    autocast,
     count_flops,
     machine_description,
     markdown_table,
@@ -41,10 +40,8 @@ from benchmark_common import (  # noqa: E402
 
 import dtkd_arch  # noqa: E402,F401  (registers the project's architectures)
 from dtkd_compat import OptionError  # noqa: E402
+from dtkd_utils.device import autocast  # noqa: E402
 from dtkd_utils.options import load_yaml  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def n_params(module):
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
@@ -56,10 +53,21 @@ def build_students(opt_path, device):
     if 'type' not in net_opt:
         raise OptionError(f'--student-opt {opt_path}: network_g.type is required')
     arch = net_opt.pop('type')
-    students = [(f'{arch} (student)', ARCH_REGISTRY.get(arch)(**net_opt))]
-    if arch == 'SwinIR' and os.path.isfile(os.path.join(REPO, 'dtkd_arch', 'fast_swinir_arch.py')):
-        students.append(('FastSwinIR (student)', ARCH_REGISTRY.get('FastSwinIR')(**net_opt)))
-    return [(name, net.eval().to(device)) for name, net in students]
+    net_opt.pop('precision', None)  # set per timed precision
+    return [(f'{arch} (student)', ARCH_REGISTRY.get(arch)(**net_opt).eval().to(device))]
+
+
+def student_runner(net, x, precision, device):
+    """Inference of ``net`` on ``x`` in ``precision``: the network's own ``precision`` where it has one
+    (SwinIRStudent, whose fp32 forward switches an outer autocast off), else under autocast."""
+    own = hasattr(net, 'precision')
+
+    def run():
+        if own:
+            net.precision = precision
+        with torch.no_grad(), autocast('fp32' if own else precision, device):
+            net(x)
+    return run
 
 
 def main(argv=None):
@@ -108,12 +116,7 @@ def main(argv=None):
             if args.no_latency:
                 row.append('-')
                 continue
-
-            def run(net=net, precision=precision):
-                with torch.no_grad(), autocast(precision, device):
-                    net(lq)
-
-            med, _ = median_time(run, device, args.repeats, args.warmup)
+            med, _ = median_time(student_runner(net, lq, precision, device), device, args.repeats, args.warmup)
             row.append(f'{1000 * med:.2f}')
             print(f'  {name} {precision}: {1000 * med:.1f} ms', file=sys.stderr)
         rows.append(row)

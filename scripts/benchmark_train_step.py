@@ -9,19 +9,21 @@ batch's GT size, median of ``--loss-repeats``) is printed with its share of a DT
 """
 import argparse
 import copy
+import os
 import statistics
+import sys
 import time
 
-from dtkd.launch import register_all  # must precede basicsr
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dtkd.launch import register_all  # noqa: E402  (must precede basicsr)
 
 # isort: split
-import torch
-from basicsr.models import build_model
-from benchmark_common import machine_description
+import torch  # noqa: E402
+from basicsr.models import build_model  # noqa: E402
+from benchmark_common import machine_description  # noqa: E402
 
-STUDENT = {'type': 'SwinIR', 'upscale': 4, 'in_chans': 3, 'img_size': 64, 'window_size': 8, 'img_range': 1.0,
-           'depths': [6, 6, 6, 6], 'embed_dim': 60, 'num_heads': [6, 6, 6, 6], 'mlp_ratio': 2,
-           'upsampler': 'pixelshuffledirect', 'resi_connection': '1conv'}
+from dtkd.infer import PAPER_STUDENT as STUDENT  # noqa: E402  (SwinIR-small x4)
 
 
 def make_opt(model_type, device, total_iter, arch):
@@ -42,11 +44,17 @@ def main():
     parser.add_argument('--lr-size', type=int, default=64, help='LR patch side (GT is 4x)')
     parser.add_argument('--iters', type=int, default=20, help='timed iterations per model')
     parser.add_argument('--warmup', type=int, default=3)
-    parser.add_argument('--arch', default='SwinIR', help='student arch (SwinIR or FastSwinIR)')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--arch', default='SwinIRStudent', help='student arch (SwinIRStudent or SwinIR)')
+    parser.add_argument('--device', default='auto', help="'auto' (CUDA if available), 'cpu' or 'cuda'")
     parser.add_argument('--loss-repeats', type=int, default=30, help='timed runs of the DWT loss alone')
     args = parser.parse_args()
+    from dtkd_compat import OptionError
+    from dtkd_utils.device import pick_device
 
+    try:
+        args.device = pick_device(args.device).type  # BasicSR's models take num_gpu: CUDA device 0 or the CPU
+    except OptionError as err:
+        parser.error(str(err))
     register_all()
     torch.manual_seed(0)
     total = 2 * (args.iters + args.warmup) + 2

@@ -192,6 +192,7 @@ def test_two_steps_and_logged_terms(tiny_pairs):
 LOG = re.compile(r'iter:\s*(\d+),.*l_zoom_in: (\S+)')
 
 
+@pytest.mark.slow
 def test_runner_trains_with_cached_labels(tiny_pairs, tmp_path):
     opt = train_options(tiny_pairs, 'tiny_augkd', total_iter=3, kd_opt=dict(L1), kd_schedule={'type': 'constant'},
                         save_freq=3)
@@ -207,6 +208,7 @@ def test_runner_trains_with_cached_labels(tiny_pairs, tmp_path):
     assert 'l_zoom_out_pix' in text and '# psnr' in text
 
 
+@pytest.mark.slow
 def test_runner_with_an_online_resshift_teacher(tiny_pairs, tmp_path):
     """AugKD as published: the zoom-in tiles are labelled by an online ResShift teacher (a tiny
     latent-space one with random weights, 2 sampling steps)."""

@@ -1,4 +1,4 @@
-"""scripts/benchmark_teacher.py and scripts/benchmark_complexity.py on a tiny teacher and student.
+"""The benchmark scripts (scripts/benchmark_*.py) on a tiny teacher and student, and tiny sizes.
 
 Timings are not asserted (shared machines); FLOP counts are checked against hand-computed
 multiply-accumulate counts, parameter counts against the networks.
@@ -48,7 +48,7 @@ def test_count_flops_matches_hand_counted_macs():
 def test_benchmark_complexity_table(tmp_path, capsys):
     student_opt = str(tmp_path / 'student.yml')
     with open(student_opt, 'w') as f:
-        yaml.safe_dump({'network_g': dict(TINY_STUDENT)}, f)
+        yaml.safe_dump({'network_g': dict(TINY_STUDENT, type='SwinIRStudent')}, f)
     script = load_script('benchmark_complexity')
     rc = script.main(['-opt', TINY, '--random-weights', '--student-opt', student_opt, '--lr-size', '8',
                       '--device', 'cpu', '--repeats', '1', '--warmup', '0', '--teacher-steps', '3', '1',
@@ -58,12 +58,12 @@ def test_benchmark_complexity_table(tmp_path, capsys):
     assert 'Machine:' in out and 'Input: one 8x8 LR image' in out
     rows = table_rows(out)
     names = [r[0] for r in rows]
-    assert names[:3] == ['ResShift (3 steps)', 'ResShift (1 step)', 'SwinIR (student)']
+    assert names[:3] == ['ResShift (3 steps)', 'ResShift (1 step)', 'SwinIRStudent (student)']
     assert len(rows[0]) == 6 and float(rows[0][5]) > 0  # one latency column (fp32)
     gflops = {r[0]: float(r[3]) for r in rows}
     step = float(re.search(r'UNet ([0-9.]+) GFLOPs', out).group(1))
     assert gflops['ResShift (3 steps)'] - gflops['ResShift (1 step)'] == pytest.approx(2 * step, abs=2e-3)
-    assert float(rows[2][4]) == pytest.approx(gflops['SwinIR (student)'] / 2, abs=1e-3)
+    assert float(rows[2][4]) == pytest.approx(gflops['SwinIRStudent (student)'] / 2, abs=1e-3)
 
     # student parameters and the hand count of its first convolution's share of the FLOPs
     from basicsr.archs.swinir_arch import SwinIR
@@ -77,9 +77,9 @@ def test_benchmark_complexity_table(tmp_path, capsys):
 @pytest.mark.parametrize('native_bf16', [True, False])
 def test_benchmark_teacher_table(capsys, monkeypatch, native_bf16):
     """fp32 rows, and bf16 rows only on CPUs with bf16 instructions (elsewhere bf16 is many times slower)."""
-    from dtkd_arch import cpu_ops
+    from dtkd_utils import device
 
-    monkeypatch.setattr(cpu_ops, 'cpu_supports_bf16', lambda: native_bf16)
+    monkeypatch.setattr(device, 'cpu_supports_bf16', lambda: native_bf16)
     script = load_script('benchmark_teacher')
     rc = script.main(['-opt', TINY, '--random-weights', '--lr-size', '8x12', '--steps', '2', '1', '--device', 'cpu',
                       '--repeats', '1'])
@@ -132,32 +132,91 @@ def test_compute_bound_table(capsys):
     assert rows[1][1:4] == ['8.0', '2000.0', '4']
 
 
-def test_benchmark_student_runs_every_variant():
-    """The student benchmark end to end on tiny sizes, in a child process (it tunes the process's malloc)."""
-    import subprocess
-    import sys
+def expected_variants(native_bf16, compile=False):
+    """The student variants on a CPU: bf16 autocast only with bf16 matrix instructions."""
+    reduced = ['bf16'] if native_bf16 else []
+    names = ['SwinIRStudent fp32'] + [f'SwinIRStudent {p} autocast' for p in reduced]
+    names.append('SwinIRStudent fp32 channels-last')
+    if compile:
+        names += [f'SwinIRStudent {p} torch.compile' for p in ['fp32'] + reduced]
+    return names
 
-    cmd = [sys.executable, os.path.join(REPO, 'scripts', 'benchmark_student.py'), '--device', 'cpu', '--sizes', '8',
-           '--repeats', '1', '--warmup', '0', '--train-iters', '1', '--train-warmup', '0', '--batch', '1',
-           '--psnr-size', '8', '--threads', '1']
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
-    assert 'memory allocator: glibc malloc' in out or 'memory allocator: default allocator' in out
-    rows = table_rows(out.split('### Inference')[1].split('###')[0])
-    names = [r[0] for r in rows]
-    assert names[0] == 'BasicSR SwinIR fp32' and 'FastSwinIR fp32' in names
-    assert '- attention: compiled kernel (dtkd_cpu_kernels_' in out
-    fixed = {'FastSwinIR fp32, no C++ kernels', 'FastSwinIR fp32, BLAS linear', 'FastSwinIR fp32, oneDNN linear'}
-    assert fixed <= set(names)
-    training = table_rows(out.split('### Training')[1].split('\n\n')[1])
-    assert {'BasicSR SwinIR fp32', 'FastSwinIR fp32'} | fixed == {r[0] for r in training}
-    # the default (auto) backend tuned every pass of the fully connected layers
-    choices = out.split('per-shape choice of the default (auto) backend:')[1].split('\n')[0]
-    assert 'forward:' in choices and 'grad_input:' in choices and 'grad_weight:' in choices
-    for row in rows + training:
-        assert float(row[1]) > 0
-    # FastSwinIR fp32 equals BasicSR on the photographs (max abs column of the accuracy table)
-    accuracy = table_rows(out.split('### Accuracy')[1].split('###')[0])
-    assert accuracy and all(float(r[1]) < 1e-4 for r in accuracy)
+
+@pytest.mark.parametrize('native_bf16', [True, False])
+@pytest.mark.parametrize('compile', [False, True])
+def test_student_variants_follow_cpu_features(monkeypatch, native_bf16, compile):
+    from dtkd_utils import device
+
+    monkeypatch.setattr(device, 'cpu_supports_bf16', lambda: native_bf16)
+    script = load_script('benchmark_student')
+    vs = script.variants(torch.device('cpu'), compile=compile)
+    assert [v.name for v in vs] == expected_variants(native_bf16, compile)
+    assert all(v.compiled == v.name.endswith('torch.compile') for v in vs)
+    assert [v.name for v in vs if v.channels_last] == ['SwinIRStudent fp32 channels-last']
+
+
+@pytest.mark.parametrize('bf16_supported', [True, False])
+def test_reduced_precisions_on_cuda(monkeypatch, bf16_supported):
+    """CUDA: fp16 always, bf16 where the GPU supports it (no GPU needed to decide)."""
+    from benchmark_common import reduced_precisions
+
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: bf16_supported)
+    assert reduced_precisions(torch.device('cuda')) == ['fp16'] + (['bf16'] if bf16_supported else [])
+
+
+STUDENT_ARGS = ['--device', 'cpu', '--sizes', '8', '--repeats', '1', '--warmup', '0', '--train-iters', '1',
+                '--train-warmup', '0', '--batch', '1', '--train-size', '8', '--psnr-size', '8']
+
+
+@pytest.mark.parametrize('native_bf16', [True, False])
+def test_benchmark_student_runs_every_variant(capsys, monkeypatch, native_bf16):
+    """The student benchmark end to end on tiny sizes: accuracy, inference and training tables."""
+    from dtkd_utils import device
+
+    monkeypatch.setattr(device, 'cpu_supports_bf16', lambda: native_bf16)
+    script = load_script('benchmark_student')
+    assert script.main(STUDENT_ARGS) == 0
+    out = capsys.readouterr().out
+    assert '929,628 parameters' in out and 'machine: ' in out
+    names = ['BasicSR SwinIR fp32'] + expected_variants(native_bf16)
+    inference = table_rows(out.split('### Inference')[1].split('###')[0])
+    training = table_rows(out.split('### Training')[1])
+    for rows in (inference, training):
+        assert [r[0] for r in rows] == names
+        assert rows[0][3:] == ['1.00x', '1.00x']  # the reference against itself
+        assert all(float(r[1]) > 0 and r[4].endswith('x') for r in rows)
+    accuracy = {r[0]: r for r in table_rows(out.split('### Accuracy')[1].split('###')[0])}
+    assert list(accuracy) == names[1:] and all(r[4] == 'yes' for r in accuracy.values())
+    assert float(accuracy['SwinIRStudent fp32'][1]) == 0  # the same network as BasicSR's SwinIR
+    if native_bf16:
+        assert float(accuracy['SwinIRStudent bf16 autocast'][2]) >= 45
+
+
+def test_benchmark_student_fails_a_failed_accuracy_check(capsys, monkeypatch):
+    script = load_script('benchmark_student')
+    monkeypatch.setattr(script, 'FP32_ATOL', -1.0)  # no fp32 variant can pass
+    assert script.main(STUDENT_ARGS + ['--no-train']) == 1
+    rows = table_rows(capsys.readouterr().out.split('### Accuracy')[1].split('###')[0])
+    assert rows[0][0] == 'SwinIRStudent fp32' and rows[0][4] == 'NO'
+    assert script.main(['--device', 'nonsense']) == 2
+
+
+def test_student_runner_precision(monkeypatch):
+    """benchmark_complexity sets SwinIRStudent's own precision (its fp32 forward switches autocast off)
+    and autocasts other networks."""
+    from dtkd_arch.swinir_student_arch import SwinIRStudent
+
+    script = load_script('benchmark_complexity')
+    student = SwinIRStudent(**{k: v for k, v in TINY_STUDENT.items() if k != 'type'}).eval()
+    x = torch.rand(1, 3, 8, 8)
+    script.student_runner(student, x, 'bf16', torch.device('cpu'))()
+    assert student.precision == 'bf16'
+    dtypes = []
+    conv = nn.Conv2d(3, 3, 1)
+    conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    for precision in ('bf16', 'fp32'):
+        script.student_runner(conv, x, precision, torch.device('cpu'))()
+    assert dtypes == [torch.bfloat16, torch.float32]
 
 
 def test_benchmark_train_step_reports_the_cost_of_distillation():
@@ -166,7 +225,7 @@ def test_benchmark_train_step_reports_the_cost_of_distillation():
     import sys
 
     cmd = [sys.executable, os.path.join(REPO, 'scripts', 'benchmark_train_step.py'), '--device', 'cpu', '--iters', '1',
-           '--warmup', '1', '--lr-size', '8', '--batch', '1', '--arch', 'FastSwinIR', '--loss-repeats', '2']
+           '--warmup', '1', '--lr-size', '8', '--batch', '1', '--loss-repeats', '2']
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
     rows = {r[0]: r for r in table_rows(out)}
     assert set(rows) == {'SRModel', 'DTKDModel'} and rows['SRModel'][2] == '1.000'
@@ -175,40 +234,3 @@ def test_benchmark_train_step_reports_the_cost_of_distillation():
                      r'([0-9.]+)% of a DTKDModel iteration', out)
     assert line and float(line.group(1)) > 0
     assert float(line.group(2)) == pytest.approx(100 * float(line.group(1)) / float(rows['DTKDModel'][1]), abs=0.06)
-
-
-def test_benchmark_cpu_kernels_tables(capsys):
-    """Both libraries and the compiled product for every layer shape and pass, the tuner's pick, and the bf16 / fp32
-    table."""
-    script = load_script('benchmark_cpu_kernels')
-    assert script.main(['--rows', '96', '--layers', '12x36', '20x8', '--repeats', '1', '--conv', '4x8',
-                        '--threads', '1', '--winograd', '8x12x10', '3x5x7']) == 0
-    out = capsys.readouterr().out
-    assert 'Machine:' in out and 'bf16 instructions' in out
-    linear = table_rows(out.split('### Fully connected')[1].split('###')[0])
-    assert [(r[0], r[1]) for r in linear] == [(layer, p) for layer in ('12 -> 36', '20 -> 8')
-                                              for p in ('forward', 'grad_input', 'grad_weight')]
-    for row in linear:
-        assert float(row[2]) >= 0 and float(row[3]) >= 0 and float(row[5]) > 0  # ms rounded to 0.01
-        if row[1] == 'grad_weight':  # no compiled weight gradient
-            assert row[4] == '-' and row[6] in ('blas', 'onednn')
-        else:
-            assert float(row[4]) >= 0 and row[6] in ('blas', 'onednn', 'compiled')
-    wino = table_rows(out.split('### 3x3 convolutions')[1].split('###')[0])
-    assert [r[0] for r in wino] == ['8 -> 12, 10x10', '3 -> 5, 7x7']
-    for row in wino:
-        assert float(row[1]) >= 0 and float(row[2]) >= 0 and float(row[3]) > 0
-        assert 0 < float(row[5]) < 1e-5 and 0 < float(row[4]) < 1e-5  # against float64
-        assert row[6] in ('direct', 'winograd')
-    assert [r[7] for r in wino] == ['direct', 'direct']  # fewer than 16 channels
-    bf16 = table_rows(out.split('### bf16')[1])
-    assert [r[0].split(',')[0] for r in bf16] == ['3x3 convolution 4 -> 4', '3x3 convolution 4 -> 4',
-                                                 'fully connected 4096 x 192 -> 768',
-                                                 'batched product 384 x (64 x 32) x (32 x 64)']
-    assert all(float(r[1]) > 0 and float(r[2]) > 0 and r[3].endswith('x') for r in bf16)
-    with pytest.raises(SystemExit):
-        script.main(['--layers', '60x'])
-    assert 'INxOUT' in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        script.main(['--winograd', '60x60'])
-    assert 'INxOUTxSIDE' in capsys.readouterr().err

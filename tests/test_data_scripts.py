@@ -209,3 +209,60 @@ def test_prepare_div2k_crop_gt_uses_the_aligned_region(div2k):
                 np.testing.assert_array_equal(gts[key], hr[top:top + 16, left:left + 16])
                 np.testing.assert_array_equal(lqs[key], hr[top:top + 16:4, left:left + 16:4])
     assert len(gts) == 2 * 30
+
+
+def test_prepare_div2k_refuses_images_smaller_than_the_crop_before_writing(div2k):
+    """An HR image smaller than --crop-size gives no sub-image; once that wrote empty LMDBs and exited 0."""
+    root, hr_dir, lr_dir, _ = div2k
+    script = load_script('prepare_div2k_lmdb')
+    argv = div2k_argv(root, hr_dir, lr_dir)
+    with pytest.raises(SystemExit, match=r'1 of 2 HR images are smaller than --crop-size 48 .*: 0001\.png 44x56;'):
+        script.main(argv[:-4] + ['--crop-size', '48', '--step', '8'])
+    with pytest.raises(SystemExit, match=r'2 of 2 HR images are smaller than --crop-size 64 .*0001\.png 44x56, '
+                                         r'0002\.png 48x48'):
+        script.main(argv[:-4] + ['--crop-size', '64', '--step', '8'])
+    assert not any(n.endswith('.lmdb') or 'partial' in n for n in os.listdir(root))  # nothing was written
+
+
+def test_prepare_div2k_names_unreadable_images_before_writing(div2k):
+    root, hr_dir, lr_dir, _ = div2k
+    data = (hr_dir / '0002.png').read_bytes()
+    (hr_dir / '0002.png').write_bytes(data[:len(data) // 2])
+    (lr_dir / '0001x4.png').write_bytes(b'')
+    script = load_script('prepare_div2k_lmdb')
+    with pytest.raises(SystemExit, match=r'2 images cannot be used: .*0001x4\.png is empty \(0 bytes\), '
+                                         r'.*0002\.png is truncated'):
+        script.main(div2k_argv(root, hr_dir, lr_dir))
+    assert not any(n.endswith('.lmdb') or 'partial' in n for n in os.listdir(root))
+
+
+def test_make_paired_lmdb_keeps_16_bits_and_gray_and_refuses_transparency(tmp_path):
+    """LMDB preparation stores what the file holds (dtkd_data.image_io.as_lmdb): 16-bit stays 16-bit,
+    gray stays gray, an opaque alpha channel is dropped; a transparent image stops the run, nothing written."""
+    rng = np.random.default_rng(2)
+    gt_dir, lq_dir = tmp_path / 'gt', tmp_path / 'lq'
+    gt_dir.mkdir()
+    lq_dir.mkdir()
+    deep = rng.integers(0, 65536, (16, 12, 3), dtype=np.uint16)
+    gray = rng.integers(0, 256, (16, 12), dtype=np.uint8)
+    opaque = np.dstack([rng.integers(0, 256, (16, 12, 3), dtype=np.uint8), np.full((16, 12), 255, np.uint8)])
+    for stem, img in (('deep', deep), ('gray', gray), ('opaque', opaque)):
+        cv2.imwrite(str(gt_dir / f'{stem}.png'), img)
+        cv2.imwrite(str(lq_dir / f'{stem}.png'), img[::4, ::4])
+    argv = ['--gt', str(gt_dir), '--lq', str(lq_dir), '--out-gt', str(tmp_path / 'gt.lmdb'), '--out-lq',
+            str(tmp_path / 'lq.lmdb')]
+    script = load_script('make_paired_lmdb')
+    assert script.main(argv) == 0
+    client = FileClient('lmdb', db_paths=[str(tmp_path / 'gt.lmdb')], client_keys=['x'])
+    stored = {k: cv2.imdecode(np.frombuffer(client.get(k, 'x'), np.uint8), cv2.IMREAD_UNCHANGED)
+              for k in ('deep', 'gray', 'opaque')}
+    assert stored['deep'].dtype == np.uint16 and np.array_equal(stored['deep'], deep)
+    assert np.array_equal(stored['gray'], gray) and np.array_equal(stored['opaque'], opaque[..., :3])
+    assert lmdb_tools.read_meta_info(str(tmp_path / 'gt.lmdb')) == {'deep': (16, 12, 3), 'gray': (16, 12, 1),
+                                                                     'opaque': (16, 12, 3)}
+    see_through = opaque.copy()
+    see_through[0, 0, 3] = 0
+    cv2.imwrite(str(gt_dir / 'opaque.png'), see_through)
+    with pytest.raises(SystemExit, match=r'gt/opaque\.png has transparent pixels \(1 of 192\).*nothing was written'):
+        script.main(argv + ['--overwrite'])
+    assert lmdb_tools.read_meta_info(str(tmp_path / 'gt.lmdb'))['opaque'] == (16, 12, 3)  # the old output stays

@@ -200,12 +200,18 @@ def test_unreadable_images_are_reported_and_the_batch_goes_on(student, tmp_path,
     cv2.imwrite(str(tmp_path / 'in' / 'a.png'), photo('coffee')[:20, :24])
     (tmp_path / 'in' / 'broken.jpg').write_bytes(b'\xff\xd8 not really a jpeg')
     (tmp_path / 'in' / 'empty.png').write_bytes(b'')
+    ok, jpg = cv2.imencode('.jpg', photo('chelsea')[:32, :32])
+    (tmp_path / 'in' / 'cut.jpg').write_bytes(jpg.tobytes()[:len(jpg) // 2])  # OpenCV alone fills it with grey
     (tmp_path / 'in' / 'notes.txt').write_text('not an image, ignored')
     code, out, err = run(['-i', tmp_path / 'in', '-o', tmp_path / 'out', '-opt', student['opt'], '--model',
                           student['nearest']], capsys)
     assert code == 1
-    assert '1 done, 0 skipped' in out and '2 failed' in out
-    assert 'broken.jpg' in out and 'empty.png' in out and 'notes.txt' not in out + err
+    assert '1 done, 0 skipped' in out and '3 failed' in out
+    # the reader's reason, the file named once per line
+    assert f"failed: {tmp_path / 'in' / 'broken.jpg'}: has a damaged JPEG header" in out
+    assert f"failed: {tmp_path / 'in' / 'empty.png'}: is empty (0 bytes)" in out
+    assert f"failed: {tmp_path / 'in' / 'cut.jpg'}: is truncated" in out
+    assert 'notes.txt' not in out + err and '[ERROR' not in err
     assert os.listdir(tmp_path / 'out') == ['a_x4.png']
 
 

@@ -50,6 +50,7 @@ def test_teacher_output_is_the_teacher_sample_of_the_batch(tiny_pairs, tmp_path)
     assert torch.equal(model.get_teacher_output(), cached)
 
 
+@pytest.mark.slow
 def test_runner_trains_with_an_online_teacher(tiny_pairs, tmp_path):
     opt = train_options(tiny_pairs, 'tiny_online', total_iter=2, kd_opt=dict(DWT), teacher=False, save_freq=2)
     opt['val'] = None

@@ -205,6 +205,7 @@ def runner_options(data_root, name, latent, vq_ckpt, total_iter, save_freq):
 LOG = re.compile(r'iter:\s*(\d+),.*?l_mse: (\S+)')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('latent', [False, True], ids=['pixel', 'latent'])
 def test_runner_trains_saves_validates_and_resumes(latent, tiny_pairs, vq_ckpt, tmp_path):
     name = f"resshift_{'latent' if latent else 'pixel'}"

@@ -204,6 +204,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_equal_one(teacher_opt, data, reference, tmp_path):
     root, _ = data
     out = str(tmp_path / 'sharded')

@@ -40,6 +40,7 @@ def trained(tiny_pairs, tmp_path_factory):
     return work, yml
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_and_logs_the_schedule(trained):
     work, _ = trained
     exp = work / 'experiments' / 'tiny_dwt'
@@ -63,6 +64,7 @@ def test_training_writes_checkpoints_and_logs_the_schedule(trained):
     assert glob.glob(str(work / 'tb_logger' / 'tiny_dwt' / 'events.*'))
 
 
+@pytest.mark.slow
 def test_auto_resume_continues_at_the_right_iteration_and_lambda(trained):
     work, yml = trained
     exp = work / 'experiments' / 'tiny_dwt'
@@ -88,6 +90,7 @@ def test_auto_resume_continues_at_the_right_iteration_and_lambda(trained):
     assert all(torch.isfinite(v).all() for v in w6.values())
 
 
+@pytest.mark.slow
 def test_dtkd_test_runner_on_the_trained_student(trained, tiny_pairs):
     work, _ = trained
     opt = {
@@ -133,6 +136,7 @@ def test_unsafe_yaml_is_refused(tmp_path):
     assert 'not valid YAML' in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_process_cpu_training_under_torchrun(tiny_pairs, tmp_path):
     opt = train_options(tiny_pairs, 'tiny_ddp', total_iter=2, kd_opt=DWT, save_freq=2)
     opt['val'] = None
@@ -160,6 +164,7 @@ def _eval_options(tiny_pairs, ckpt, name, metrics):
     }
 
 
+@pytest.mark.slow
 def test_missing_metric_weights_stop_before_evaluating(trained, tiny_pairs, tmp_path):
     work, _ = trained
     ckpt = str(work / 'experiments' / 'tiny_dwt' / 'models' / 'net_g_latest.pth')
