@@ -21,6 +21,11 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
+# make test-fast: every test except the end-to-end runs marked slow (demo, subprocess training, torchrun)
+.PHONY: test-fast
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
 # make demo TEACHER=options/teacher/resshift_realsr_x4.yml: distill the official ResShift instead
 TEACHER ?= options/demo/resshift_demo_x4.yml
 

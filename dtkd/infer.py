@@ -59,12 +59,13 @@ _LUMA = (0.299, 0.587, 0.114)
 
 
 def is_out_of_memory(err):
-    """True for an allocation failure: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    """True for an allocation failure: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError (oneDNN
+    reports a failed scratch-pad allocation as a primitive it could not create)."""
     if isinstance(err, torch.OutOfMemoryError):
         return True
     msg = str(err)
     return isinstance(err, RuntimeError) and ('out of memory' in msg or "can't allocate memory" in msg
-                                              or 'not enough memory' in msg)
+                                              or 'not enough memory' in msg or 'could not create a primitive' in msg)
 
 
 def _free_cached_memory(device):

@@ -16,6 +16,7 @@ from dtkd_compat import OptionError
 from dtkd_data.image_checks import PAIRED_DATASETS
 from dtkd_model.kd_schedule import KDWeightSchedule
 from dtkd_model.safe_training import max_nonfinite_steps
+from dtkd_teacher.teacher import check_checkpoints, resolve_project_path
 from dtkd_utils.options import check_keys, load_yaml
 from dtkd_utils.options import require as _require
 
@@ -173,15 +174,20 @@ def check_project_blocks(opt, is_train):
         check_model_options(opt, is_train)
     elif is_train and isinstance(train, dict):
         max_nonfinite_steps(train)
-    teacher = opt.get('teacher')
-    if teacher is not None:
-        if not dtkd:
-            check_keys(teacher, TEACHER_KEYS, 'teacher')
-        load_yaml(osp.expanduser(str(teacher.get('opt'))), key='teacher.opt')  # as the teacher loader opens it
     if opt['model_type'] == 'AugKDModel' and is_train and isinstance(train, dict):
         from dtkd_model.augkd_model import AugKDModel
 
         AugKDModel._parse_augkd(train.get('augkd_opt'))
+    teacher = opt.get('teacher')  # last: the option keys are reported before missing weights
+    if teacher is not None:
+        if not dtkd:
+            check_keys(teacher, TEACHER_KEYS, 'teacher')
+        teacher_file = resolve_project_path(str(teacher.get('opt')))
+        load_yaml(teacher_file, key='teacher.opt')  # as the teacher loader opens it
+        try:
+            check_checkpoints(teacher_file)
+        except OptionError as err:
+            raise type(err)(f'teacher.opt {teacher_file}: {err}') from None
 
 
 def check_paths(opt):

@@ -29,7 +29,7 @@ from torch import nn
 
 import dtkd_compat  # noqa: F401  (must precede basicsr)
 from dtkd_arch.tiling import pad_to_multiple
-from dtkd_compat import OptionError
+from dtkd_compat import MissingFileError, OptionError
 from dtkd_teacher.diffusion import DIFFUSION_DEFAULTS, ResShiftDiffusion
 from dtkd_utils.device import PRECISIONS, autocast, check_precision, pick_device
 from dtkd_utils.options import load_yaml
@@ -54,8 +54,9 @@ def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _resolve_ckpt(path):
-    """``path`` as given if it exists, else relative to the project root (where ``weights/`` lives)."""
+def resolve_project_path(path):
+    """``path`` as given if it exists, else relative to the project root (where ``weights/`` and
+    ``options/`` live), so option files work from any working directory."""
     path = os.path.expanduser(os.fspath(path))
     if os.path.isabs(path) or os.path.isfile(path):
         return path
@@ -66,8 +67,52 @@ def _resolve_ckpt(path):
 def _load_options(path_or_dict):
     if isinstance(path_or_dict, dict):
         return copy.deepcopy(path_or_dict), '<dict>'
-    path = os.fspath(path_or_dict)
+    path = resolve_project_path(path_or_dict)
     return load_yaml(path, key='teacher options (e.g. options/teacher/resshift_realsr_x4.yml)'), path
+
+
+_MISSING = object()
+_CHECKPOINTS = {'unet': ('ResShift UNet', 'resshift_realsrx4_s15_v1.pth'),
+                'autoencoder': ('ResShift VQ autoencoder', 'autoencoder_vq_f4.pth')}
+
+
+def checkpoint_path(ckpt, name, what, default_ckpt):
+    """The file of option ``<name>.ckpt`` (as given, else relative to the project root), which must exist;
+    errors name the option, where it was looked for and where the released file is."""
+    if ckpt is _MISSING:
+        raise OptionError(f'{name}.ckpt: required: path of {default_ckpt} (download: {_DOWNLOAD}{default_ckpt})')
+    if ckpt is None or ckpt == '':
+        raise OptionError(f'{name}.ckpt: a checkpoint path is required (the teacher is never run with '
+                          f'random weights); the released file is {_DOWNLOAD}{default_ckpt}')
+    path = resolve_project_path(ckpt)
+    if not os.path.isfile(path):
+        where = f"{what} checkpoint '{ckpt}' not found (option {name}.ckpt, also looked in {_REPO_ROOT})"
+        if os.path.basename(path) != default_ckpt:
+            raise MissingFileError(where)
+        raise MissingFileError(f'{where}: download {_DOWNLOAD}{default_ckpt} (ResShift release v2.0, '
+                               f'github.com/zsyOAOA/ResShift) into weights/ or set {name}.ckpt to its path')
+    return path
+
+
+def check_checkpoints(path_or_dict):
+    """Check, without building anything, that the checkpoints a teacher option file names exist
+    (networks that need none, such as the demo's space-to-depth first stage, may leave ``ckpt`` out)."""
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    import dtkd_arch  # noqa: F401  (registers the project's architectures)
+
+    opt, _ = _load_options(path_or_dict)
+    for name, (what, default_ckpt) in _CHECKPOINTS.items():
+        block = opt.get(name)
+        if not isinstance(block, dict):
+            continue
+        try:
+            cls = ARCH_REGISTRY.get(block.get('type'))
+        except KeyError:
+            raise OptionError(f"{name}.type: no architecture named {block.get('type')!r} is registered") from None
+        if not getattr(cls, 'needs_checkpoint', True) and block.get('ckpt') is None:
+            continue
+        checkpoint_path(block.get('ckpt', _MISSING), name, what, default_ckpt)
 
 
 def _build_network(block, name, what, default_ckpt):
@@ -94,21 +139,7 @@ def _build_network(block, name, what, default_ckpt):
             return cls(**params)  # a network without weights (e.g. SpaceToDepthAutoencoder)
         except (TypeError, ValueError) as err:
             raise OptionError(f'{name}: options do not fit {arch}: {err}') from err
-    if 'ckpt' not in params:
-        raise OptionError(f'{name}.ckpt: required: path of {default_ckpt} (download: {_DOWNLOAD}{default_ckpt})')
-    ckpt = params.pop('ckpt')
-    if ckpt is None or ckpt == '':
-        raise OptionError(f'{name}.ckpt: a checkpoint path is required (the teacher is never run with '
-                                 f'random weights); the released file is {_DOWNLOAD}{default_ckpt}')
-    path = _resolve_ckpt(ckpt)
-    if not os.path.isfile(path):
-        if os.path.basename(path) != default_ckpt:
-            raise FileNotFoundError(f"{what} checkpoint '{ckpt}' not found (option {name}.ckpt, also looked in "
-                                    f'{_REPO_ROOT})')
-        raise FileNotFoundError(
-            f"{what} checkpoint '{ckpt}' not found (option {name}.ckpt, also looked in {_REPO_ROOT}): download "
-            f'{_DOWNLOAD}{default_ckpt} (ResShift release v2.0, github.com/zsyOAOA/ResShift) into weights/ or set '
-            f'{name}.ckpt to its path')
+    path = checkpoint_path(params.pop('ckpt', None) if 'ckpt' in params else _MISSING, name, what, default_ckpt)
     try:
         net = cls(**params)
     except TypeError as err:

@@ -18,7 +18,8 @@ def base(tiny_pairs, model_type='DTKDModel'):
                         kd_schedule={'type': 'linear', 'start_iter': 0, 'end_iter': 4})
     opt['model_type'] = model_type
     opt['val']['tile'] = {'tile_size': 8, 'tile_pad': 2}
-    opt['teacher'] = {'opt': os.path.join(REPO, 'options', 'teacher', 'resshift_realsr_x4.yml'), 'precision': 'bf16'}
+    # the demo teacher: its weights are committed, so the options are valid as a whole
+    opt['teacher'] = {'opt': os.path.join(REPO, 'options', 'demo', 'resshift_demo_x4.yml'), 'precision': 'bf16'}
     if model_type == 'AugKDModel':
         opt['train']['augkd_opt'] = {'zoom_in_weight': 1.0, 'consistency': {'prob': 0.3}}
     return opt
@@ -110,3 +111,16 @@ def test_paths_are_checked_before_anything_is_created(tiny_pairs, tmp_path):
         assert code == 2 and len(errors) == 1 and 'Traceback' not in out, out[-3000:]
         assert errors[0].startswith(f'error: {message}') and value in errors[0], errors[0]
         assert not (tmp_path / 'experiments').exists() and not (tmp_path / 'tb_logger').exists()
+
+
+def test_paper_augkd_file_without_teacher_weights_stops_before_anything_is_created(tmp_path):
+    """options/ablation/train_augkd.yml runs the official teacher online: without its weights the run
+    stops at once with one line naming the missing file and the option, before its data or a folder."""
+    from dtkd import train
+
+    yml = os.path.join(REPO, 'options', 'ablation', 'train_augkd.yml')
+    code, out = forking.run_entry_point(train, ['dtkd-train', '-opt', yml], str(tmp_path / 'log'), str(tmp_path))
+    errors = [line for line in out.splitlines() if line.startswith('error:')]
+    assert code == 2 and len(errors) == 1 and 'Traceback' not in out, out[-3000:]
+    assert 'teacher.opt' in errors[0] and 'resshift_realsrx4_s15_v1.pth' in errors[0] and 'unet.ckpt' in errors[0]
+    assert not (tmp_path / 'experiments').exists() and not (tmp_path / 'tb_logger').exists()
