@@ -41,10 +41,23 @@ def _image_key(file_name, strip_suffixes):
     return stem
 
 
+def run_suffix(folder):
+    """The name ending dtkd-test gives a run's images (``<image>_<run name>.png`` under
+    ``results/<run name>/visualization/<dataset>/``), or None for a folder not laid out so."""
+    dataset_dir = os.path.abspath(folder)
+    visualization = os.path.dirname(dataset_dir)
+    if os.path.basename(visualization) != 'visualization':
+        return None
+    return '_' + os.path.basename(os.path.dirname(visualization))
+
+
 def list_images(folder, strip_suffixes=()):
-    """``{key: path}`` for the images in ``folder``; key = stem without any of ``strip_suffixes``."""
+    """``{key: path}`` for the images in ``folder``; key = stem without any of ``strip_suffixes`` or, for a
+    dtkd-test result folder, without its run's name ending (:func:`run_suffix`)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f'result folder not found: {folder}')
+    own = run_suffix(folder)
+    strip_suffixes = tuple(strip_suffixes) + ((own,) if own else ())
     found = {}
     for name in sorted(os.listdir(folder)):
         if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
@@ -78,8 +91,9 @@ def match_images(folders, strip_suffixes=()):
         if extra:
             problems.append(f'{label} ({folders[label]}): {", ".join(extra)}')
     if problems:
-        raise ValueError('images not found in every result folder (matched by file stem; use strip_suffixes '
-                         'for run-specific name endings):\n  ' + '\n  '.join(problems))
+        raise ValueError('images not found in every result folder (matched by file stem, without the run name '
+                         'that dtkd-test appends; give other name endings with --strip-suffix):\n  '
+                         + '\n  '.join(problems))
     return sorted(common), listed
 
 

@@ -70,7 +70,8 @@ class ResultsRecorder:
     Files written by :meth:`write`:
         ``summary.json``: ``{dataset: {metric: mean over images}}``;
         ``<dataset>_metrics.csv``: one row per image (``image`` then the metrics);
-        ``summary.md``: ``Dataset | Model | KD loss | PSNR↑ | ...``, one row per dataset.
+        ``summary.md``: ``Dataset | Model | KD loss | PSNR↑ | ...``, one row per dataset;
+        ``run.json``: the labels (``model``, ``kd_loss``, ``better``), read back by :func:`load_labels`.
     """
 
     def __init__(self, results_root, model_label=None, kd_label=None, better=None):
@@ -148,7 +149,20 @@ class ResultsRecorder:
         atomic_write(paths['json'], json.dumps(self.summary(), indent=2) + '\n')
         paths['markdown'] = os.path.join(self.results_root, 'summary.md')
         atomic_write(paths['markdown'], self.markdown())
+        labels = {'model': self.model_label, 'kd_loss': self.kd_label, 'better': self.better}
+        atomic_write(os.path.join(self.results_root, 'run.json'), json.dumps(labels, indent=2) + '\n')
         return paths
+
+
+def load_labels(path):
+    """The ``run.json`` labels beside a ``summary.json`` (or in its folder); {} when there are none."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    try:
+        with open(os.path.join(folder, 'run.json'), encoding='utf-8') as f:
+            labels = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return labels if isinstance(labels, dict) else {}
 
 
 def load_summary(path):

@@ -3,10 +3,11 @@
 
 The standard deviation is the sample one (ddof=1, divisor n - 1). Example::
 
-    python scripts/aggregate_runs.py results/dtkd_seed0 results/dtkd_seed1 results/dtkd_seed2 \
-        --out results/dtkd_3seeds --model Student --kd DWT
+    python scripts/aggregate_runs.py results/dtkd_seed0 results/dtkd_seed1 results/dtkd_seed2
 
-writes ``results/dtkd_3seeds/aggregate.json`` and ``aggregate.md``.
+writes ``aggregate.json`` and ``aggregate.md`` into ``--out`` (default: ``aggregate/`` in the runs'
+common folder, here ``results/aggregate``). The Model and KD loss columns come from the runs' own
+labels (``run.json``, written by ``dtkd-test``) when the runs agree; ``--model`` / ``--kd`` override them.
 """
 import argparse
 import os
@@ -14,15 +15,23 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dtkd_metric.report import aggregate_summaries, load_summary, write_aggregate  # noqa: E402
+from dtkd_metric.report import aggregate_summaries, load_labels, load_summary, write_aggregate  # noqa: E402
+
+
+def common_label(runs, key):
+    """The runs' shared label ``key`` (from run.json), or None when they have none or disagree."""
+    values = {load_labels(run).get(key) for run in runs}
+    return values.pop() if len(values) == 1 else None
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('runs', nargs='+', help='summary.json files or result folders holding one (two or more)')
-    parser.add_argument('--out', required=True, help='output folder for aggregate.json and aggregate.md')
-    parser.add_argument('--model', default=None, help='Model column label (e.g. Student)')
-    parser.add_argument('--kd', default=None, help='KD loss column label (e.g. DWT)')
+    parser.add_argument('--out', default=None,
+                        help="output folder for aggregate.json and aggregate.md (default: the runs' common folder "
+                             '/ aggregate)')
+    parser.add_argument('--model', default=None, help="Model column label (default: the runs' own, if they agree)")
+    parser.add_argument('--kd', default=None, help="KD loss column label (default: the runs' own, if they agree)")
     args = parser.parse_args(argv)
     try:
         summaries = {}
@@ -31,9 +40,12 @@ def main(argv=None):
                 raise ValueError(f'run given twice: {run}')
             summaries[run] = load_summary(run)
         aggregate = aggregate_summaries(summaries)
-        out_json = os.path.join(args.out, 'aggregate.json')
-        out_md = os.path.join(args.out, 'aggregate.md')
-        write_aggregate(aggregate, out_json, out_md, run_paths=args.runs, model_label=args.model, kd_label=args.kd)
+        out = args.out or os.path.join(os.path.commonpath([os.path.abspath(r) for r in args.runs]), 'aggregate')
+        out_json = os.path.join(out, 'aggregate.json')
+        out_md = os.path.join(out, 'aggregate.md')
+        model = args.model or common_label(args.runs, 'model')
+        kd = args.kd or common_label(args.runs, 'kd_loss')
+        write_aggregate(aggregate, out_json, out_md, run_paths=args.runs, model_label=model, kd_label=kd)
     except (ValueError, FileNotFoundError) as error:
         print(f'aggregate_runs: error: {error}', file=sys.stderr)
         return 2

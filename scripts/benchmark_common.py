@@ -2,10 +2,9 @@
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``, which counts matrix multiplications and
 convolutions only, at 2 FLOPs per multiply-accumulate (MAC): GMACs = GFLOPs / 2. Normalisations,
-activations, soft-max and element-wise additions are not counted. Counting runs on copies of the
-networks on the ``meta`` device, so it costs no arithmetic.
+activations, soft-max and element-wise additions are not counted. Counting runs the networks on fake
+tensors (``FakeTensorMode``: shapes without data), so it costs no arithmetic.
 """
-import copy
 import os
 import platform
 import statistics
@@ -147,22 +146,30 @@ def median_time(fn, device, repeats, warmup):
 
 
 def count_flops(module, *args, **kwargs):
-    """FLOPs (2 per MAC, matmul/conv only) of ``module(*args, **kwargs)``, counted on the meta device.
+    """FLOPs (2 per MAC, matmul/conv only) of ``module(*args, **kwargs)``, counted without arithmetic.
 
-    ``module`` may also be a bound method; its owner is copied. Tensors in args/kwargs give shapes only.
+    ``module`` may be any callable (a network or a bound method such as ``autoencoder.encode``). It runs
+    under ``FakeTensorMode``: parameters and inputs become fake tensors that carry shapes, dtypes and
+    devices but no data, so nothing is computed; tensors in args/kwargs give shapes only.
     """
-    owner = getattr(module, '__self__', None)
-    target = owner if owner is not None else module
-    meta = copy.deepcopy(target).to('meta')
-    fn = getattr(meta, module.__name__) if owner is not None else meta
+    return _fake_run(module, *args, **kwargs)[0]
 
-    def to_meta(v):
-        return torch.empty(v.shape, dtype=v.dtype, device='meta') if torch.is_tensor(v) else v
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn(*[to_meta(a) for a in args], **{k: to_meta(v) for k, v in kwargs.items()})
-    del meta
-    return counter.get_total_flops()
+def _fake_run(fn, *args, **kwargs):
+    """(FLOPs, output shape) of ``fn(*args, **kwargs)`` under FakeTensorMode (see ``count_flops``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        def fake(v):
+            return mode.from_tensor(v) if torch.is_tensor(v) else v
+
+        # scaled_dot_product_attention in its math form (matrix products the counter sees; the fused CPU
+        # kernel has no FLOP formula and would count as zero)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            out = fn(*[fake(a) for a in args], **{k: fake(v) for k, v in kwargs.items()})
+        shape = tuple(out.shape) if torch.is_tensor(out) else None
+    return counter.get_total_flops(), shape
 
 
 def teacher_flops(teacher, h, w):
@@ -173,11 +180,7 @@ def teacher_flops(teacher, h, w):
     up = torch.empty(1, 3, sf * hp, sf * wp)
     ae = teacher.autoencoder
     if ae is not None:
-        enc = count_flops(ae.encode, up)
-        meta = copy.deepcopy(ae).to('meta')
-        with torch.no_grad():
-            latent_shape = tuple(meta.encode(torch.empty(up.shape, device='meta')).shape)
-        del meta
+        enc, latent_shape = _fake_run(ae.encode, up)
         dec = count_flops(ae.decode, torch.empty(latent_shape))
     else:
         enc = dec = 0

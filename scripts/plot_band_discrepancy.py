@@ -6,10 +6,11 @@ For every image and checkpoint: mean |W_g(T) - W_g(S)| over the coefficients of 
 
     python scripts/plot_band_discrepancy.py --teacher results/teacher/visualization/RealSR \
         --student "no KD=results/swinir_s/visualization/RealSR" \
-        --student "DWT KD=results/dtkd/visualization/RealSR" \
-        --strip-suffix _swinir_s --strip-suffix _dtkd --out figures/band_discrepancy.png
+        --student "DWT KD=results/dtkd/visualization/RealSR" --out figures/band_discrepancy.png
 
-writes the PNG and, beside it, the numbers as JSON (same name, .json).
+writes the PNG and, beside it, the numbers as JSON (same name, .json). Images are matched by file
+name; the run name dtkd-test appends to its images (``<image>_<run>.png``) is removed automatically,
+other name endings with ``--strip-suffix``.
 """
 import argparse
 import json

@@ -12,6 +12,16 @@ import dtkd_compat  # noqa: F401  (loaded before any test module, so basicsr imp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Slow tests (see pyproject.toml's markers) in modules that do not import pytest, so that a
+# ``@pytest.mark.slow`` line there would need an import too: (module file, test function).
+SLOW_ELSEWHERE = {('test_demo.py', 'test_demo_pipeline_tiny')}  # the demo end to end (minutes)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (os.path.basename(str(item.fspath)), getattr(item, 'originalname', item.name)) in SLOW_ELSEWHERE:
+            item.add_marker(pytest.mark.slow)
+
 
 def photo(name):
     """An RGB uint8 photograph from ``skimage.data`` (no download needed)."""

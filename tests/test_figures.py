@@ -149,3 +149,19 @@ def test_qualitative_grid_checks_inputs(tmp_path):
     with pytest.raises(ValueError, match='x,y,width,height'):
         parse_box('1,2,3')
     assert parse_box('4,5,6,7') == (4, 5, 6, 7)
+
+
+def test_dtkd_test_result_folders_match_without_strip_suffix(tmp_path):
+    """dtkd-test writes results/<run>/visualization/<dataset>/<image>_<run>.png: the run names are removed
+    by themselves, so two runs and a teacher folder match with no --strip-suffix."""
+    crops = _results(tmp_path)
+    folders = {}
+    for run, source, suffix in (('teacher_run', 'teacher', ''), ('run_a', 'ckpt_a', '_runA'),
+                                ('run_b', 'ckpt_b', '')):
+        folder = tmp_path / 'results' / run / 'visualization' / 'RealSR'
+        folder.mkdir(parents=True)
+        for name in crops:
+            os.replace(tmp_path / source / f'{name}{suffix}.png', folder / f'{name}_{run}.png')
+        folders[run] = folder
+    result = compute_band_discrepancy(folders.pop('teacher_run'), folders)
+    assert result['images'] == sorted(crops)

@@ -97,7 +97,7 @@ def test_write_without_results_and_atomic_replace(tmp_path, monkeypatch):
     with pytest.raises(OSError, match='disk full'):
         rec2.write()
     assert (tmp_path / 'summary.json').read_text() == before  # the old complete file is intact
-    assert sorted(os.listdir(tmp_path)) == ['RealSR_metrics.csv', 'summary.json', 'summary.md']
+    assert sorted(os.listdir(tmp_path)) == ['RealSR_metrics.csv', 'run.json', 'summary.json', 'summary.md']
 
 
 def _three_runs(tmp_path):
@@ -130,6 +130,10 @@ def test_aggregate_mean_and_sample_std(tmp_path):
     p = agg['RealSR']['psnr']
     assert f'| RealSR | Student | DWT | {p["mean"]:.2f} ± {p["std"]:.2f} |' in md
     assert 'ddof=1' in md and '3 runs' in md
+    # as documented: no --out (the runs' common folder / aggregate) and the labels the runs recorded
+    assert script.main(runs) == 0
+    md = (tmp_path / 'aggregate' / 'aggregate.md').read_text()
+    assert f'| RealSR | Student | DWT | {p["mean"]:.2f} ± {p["std"]:.2f} |' in md
 
 
 def test_aggregate_refuses_mismatched_runs(tmp_path, capsys):
