@@ -476,8 +476,12 @@ def infer(args):
             tqdm.write(f'failed: {path}: {failures[-1][1]}', file=sys.stderr)
     bar.close()
     elapsed = time.time() - start
-    print(f'dtkd-infer: {done} done, {skipped} skipped (output exists; --overwrite redoes them), '
-          f'{len(failures)} failed, {elapsed:.1f} s -> {args.output}')
+    parts = [f'{done} done']
+    if skipped:
+        parts.append(f'{skipped} skipped (output exists; --overwrite redoes them)')
+    if failures:
+        parts.append(f'{len(failures)} failed')
+    print(f'dtkd-infer: {", ".join(parts)}, {elapsed:.1f} s -> {args.output}')
     for path, reason in failures:
         print(f'  failed: {path}: {reason}')
     return 1 if failures else 0

@@ -41,7 +41,11 @@ def test_count_flops_matches_hand_counted_macs():
     assert count_flops(conv, torch.empty(1, 3, 16, 20)) == 2 * 16 * 20 * 8 * 3 * 9
     lin = nn.Linear(12, 5)
     assert count_flops(lin, torch.empty(7, 12)) == 2 * 7 * 12 * 5
-    assert conv.weight.device.type == 'cpu'  # counted on a meta copy
+    assert conv.weight.device.type == 'cpu' and conv.weight.abs().sum() > 0  # counted on fake tensors
+    # attention counts as its two matrix products (the fused CPU kernel has no FLOP formula of its own)
+    q = torch.empty(2, 3, 10, 4)
+    attention = nn.functional.scaled_dot_product_attention
+    assert count_flops(attention, q, q, q) == 2 * 2 * (2 * 3 * 10 * 10 * 4)
     assert parse_size('48x80') == (48, 80) and parse_size(16) == (16, 16)
 
 

@@ -97,7 +97,7 @@ def test_every_kind_of_image_keeps_its_kind(student, photos, tmp_path, capsys):
     root, imgs = photos
     code, out, err = run(['-i', root, '-o', tmp_path, '-opt', student['opt'], '--model', student['nearest']], capsys)
     assert code == 0, err
-    assert '5 done, 0 skipped' in out and '0 failed' in out
+    assert 'dtkd-infer: 5 done, ' in out and 'skipped' not in out and 'failed' not in out
     for name, img in imgs.items():
         stem, ext = os.path.splitext(name)
         res = cv2.imread(str(tmp_path / f'{stem}_x4{ext}'), cv2.IMREAD_UNCHANGED)
@@ -188,10 +188,10 @@ def test_existing_outputs_are_skipped_unless_overwrite(student, photos, tmp_path
     target = tmp_path / 'scan_x4.png'
     target.write_bytes(b'stale')
     code, out, _ = run(args, capsys)
-    assert code == 0 and '0 done, 5 skipped' in out
+    assert code == 0 and '0 done, 5 skipped' in out and 'failed' not in out
     assert target.read_bytes() == b'stale'
     code, out, _ = run(args + ['--overwrite'], capsys)
-    assert code == 0 and '5 done, 0 skipped' in out
+    assert code == 0 and 'dtkd-infer: 5 done, ' in out and 'skipped' not in out
     assert cv2.imread(str(target), cv2.IMREAD_UNCHANGED).shape == (144, 200)
 
 
@@ -206,7 +206,7 @@ def test_unreadable_images_are_reported_and_the_batch_goes_on(student, tmp_path,
     code, out, err = run(['-i', tmp_path / 'in', '-o', tmp_path / 'out', '-opt', student['opt'], '--model',
                           student['nearest']], capsys)
     assert code == 1
-    assert '1 done, 0 skipped' in out and '3 failed' in out
+    assert 'dtkd-infer: 1 done, 3 failed' in out
     # the reader's reason, the file named once per line
     assert f"failed: {tmp_path / 'in' / 'broken.jpg'}: has a damaged JPEG header" in out
     assert f"failed: {tmp_path / 'in' / 'empty.png'}: is empty (0 bytes)" in out
@@ -286,7 +286,7 @@ def test_out_of_memory_falls_back_to_smaller_tiles(tmp_path):
     assert 'out of memory with the whole image; continuing with --tile 128' in res.stderr
     tiles = [int(m) for m in re.findall(r'continuing with --tile (\d+)', res.stderr)]
     assert tiles == sorted(tiles, reverse=True) and tiles[-1] >= 8
-    assert '1 done, 0 skipped' in res.stdout and '0 failed' in res.stdout
+    assert 'dtkd-infer: 1 done, ' in res.stdout and 'skipped' not in res.stdout and 'failed' not in res.stdout
     out = cv2.imread(str(tmp_path / 'out' / 'big_x4.png')).astype(np.int64)
     ref = infer.upscale_image(img, infer.StudentRunner(net, 4, 8, torch.device('cpu'), tile=tiles[-1], tile_pad=16))
     assert np.abs(out - ref).max() <= 1
