@@ -43,6 +43,7 @@ from dtkd_compat import OptionError  # noqa: E402
 from dtkd_utils.device import autocast  # noqa: E402
 from dtkd_utils.options import load_yaml  # noqa: E402
 
+
 def n_params(module):
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 

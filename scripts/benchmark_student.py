@@ -146,22 +146,26 @@ def inference(nets, device, args):
             print(f'\nThe DTKD paper reports {PAPER_LATENCY_MS} ms for SwinIR-small at this size on its GPU.')
 
 
+def train_step(net, x, gt, fp16):
+    """One training iteration of ``net``: forward, L1, backward and Adam (with loss scaling for fp16)."""
+    opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.9, 0.99))
+    scaler = torch.amp.GradScaler(x.device.type, enabled=fp16)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(F.l1_loss(net(x), gt)).backward()
+        scaler.step(opt)
+        scaler.update()
+    return step
+
+
 def training(nets, vs, device, args):
     s = args.train_size
     x = torch.rand(args.batch, 3, s, s, device=device)
     gt = torch.rand(args.batch, 3, 4 * s, 4 * s, device=device)
     precision = {v.name: v.precision for v in vs}
-    fns = {}
-    for name, (net, channels_last) in nets.items():
-        opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.9, 0.99))
-        scaler = torch.amp.GradScaler(device.type, enabled=precision.get(name) == 'fp16')
-
-        def step(net=net, opt=opt, scaler=scaler, x=layout(x, channels_last)):
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(F.l1_loss(net(x), gt)).backward()
-            scaler.step(opt)
-            scaler.update()
-        fns[name] = step
+    fns = {name: train_step(net, layout(x, channels_last), gt, precision.get(name) == 'fp16')
+           for name, (net, channels_last) in nets.items()}
     times = interleaved(fns, args.train_iters, args.train_warmup, device)
     print(f'\n### Training iteration, {device}: forward + L1 + backward + Adam, batch {args.batch}, {s}x{s} LR '
           f'({args.train_iters} rounds after {args.train_warmup} warm-up)\n')

@@ -168,15 +168,6 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def free_port():
-    """A TCP port that is free on 127.0.0.1 now (for a process group's master port)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def run_cli(args, cwd, env_extra=None, timeout=300):
     """Run a command with the repository importable; returns the CompletedProcess (text)."""
     env = dict(os.environ)

@@ -223,6 +223,7 @@ def test_student_runner_precision(monkeypatch):
     assert dtypes == [torch.bfloat16, torch.float32]
 
 
+@pytest.mark.slow
 def test_benchmark_train_step_reports_the_cost_of_distillation():
     """SRModel against DTKDModel on one tiny batch, and the DWT loss alone with its share of an iteration."""
     import subprocess

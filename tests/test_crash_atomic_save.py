@@ -227,7 +227,8 @@ def test_dying_writer_stops_inside_a_write(tmp_path):
 
 
 def test_result_images_are_written_atomically(tmp_path):
-    """Validation/test images: the same bytes as OpenCV's imwrite, through a temporary file."""
+    """Validation/test images: the same bytes as OpenCV's imwrite, through a temporary file; killed
+    before the rename, the previous image stays."""
     import cv2
 
     from conftest import photo
@@ -238,3 +239,9 @@ def test_result_images_are_written_atomically(tmp_path):
     cv2.imwrite(str(tmp_path / 'ref.png'), img)
     assert (tmp_path / 'a' / 'sr.png').read_bytes() == (tmp_path / 'ref.png').read_bytes()
     assert os.listdir(tmp_path / 'a') == ['sr.png']
+
+    code, log = forking.run(lambda: atomic_imwrite(255 - img, tmp_path / 'a' / 'sr.png'), str(tmp_path / 'child.log'),
+                            env={FAULT_ENV: 'atomic_write.before_replace:sr.png'})
+    assert code == -signal.SIGKILL, log[-3000:]
+    assert (tmp_path / 'a' / 'sr.png').read_bytes() == (tmp_path / 'ref.png').read_bytes()
+    assert sorted(os.listdir(tmp_path / 'a')) == ['.sr.png.tmp', 'sr.png']
