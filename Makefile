@@ -26,6 +26,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
+# make gpu-check: on a machine with a CUDA GPU, the CUDA tests and the benchmarks in one run (results/gpu/)
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py
+
 # make demo TEACHER=options/teacher/resshift_realsr_x4.yml: distill the official ResShift instead
 TEACHER ?= options/demo/resshift_demo_x4.yml
 

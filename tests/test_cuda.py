@@ -1,0 +1,108 @@
+"""The CUDA path (run by `make gpu-check` on a machine with a GPU; skipped elsewhere).
+
+References are computed on the CPU in float64, and errors are bounded absolutely against them.
+"""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from basicsr.archs.swinir_arch import SwinIR
+
+from conftest import REPO, TINY_STUDENT, run_cli, tiny_teacher_options, train_options, write_yaml
+from dtkd_arch.swinir_student_arch import SwinIRStudent
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device on this machine')]
+PAPER = dict(upscale=4, img_size=64, window_size=8, img_range=1., depths=[6, 6, 6, 6], embed_dim=60,
+             num_heads=[6, 6, 6, 6], mlp_ratio=2, upsampler='pixelshuffledirect', resi_connection='1conv')
+# bound on |output - float64 reference| for images in [0, 1]: fp32 (TF32 off) and bf16 autocast
+BOUNDS = {'fp32': 1e-4, 'bf16': 6e-2}
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize('cls', [SwinIR, SwinIRStudent])
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_student_forward_and_gradients_against_float64_cpu(cls, precision):
+    torch.manual_seed(0)
+    ref = SwinIR(**PAPER).double().eval()
+    net = (SwinIRStudent(**PAPER, precision=precision) if cls is SwinIRStudent else cls(**PAPER)).eval()
+    net.load_state_dict(ref.state_dict())
+    net = net.cuda()
+    x = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(1))
+    out_ref = ref(x.double())
+    out_ref.square().mean().backward()
+    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=precision == 'bf16' and cls is SwinIR):
+        out = net(x.cuda())
+    out.float().square().mean().backward()
+    err = (out.double().cpu() - out_ref.detach()).abs().max().item()
+    assert err < BOUNDS[precision], err
+    for (name, p_ref), (_, p) in zip(ref.named_parameters(), net.named_parameters()):
+        scale = p_ref.grad.abs().max().item() + 1e-12
+        g_err = (p.grad.double().cpu() - p_ref.grad).abs().max().item() / scale
+        assert g_err < (1e-3 if precision == 'fp32' else 0.25), (name, g_err)
+
+
+def test_teacher_sample_on_cuda_equals_cpu_with_the_same_seed(tmp_path):
+    from dtkd_teacher.teacher import ResShiftTeacher
+
+    opt = tiny_teacher_options(tmp_path, steps=3)
+    lq = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for device in ('cpu', 'cuda'):
+        teacher = ResShiftTeacher.from_options(copy.deepcopy(opt), device=device)
+        outs[device] = teacher.sample(lq, generator=torch.Generator().manual_seed(5)).cpu()
+    assert (outs['cuda'] - outs['cpu']).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_paper_option_file_trains_20_iterations(tiny_pairs, tmp_path, precision):
+    opt = train_options(tiny_pairs, f'gpu_{precision}', total_iter=20, save_freq=10,
+                        kd_opt={'type': 'DWTKDLoss', 'loss_weight': 2.0, 'level': 2, 'group_weights': [1, 2, 1]},
+                        kd_schedule={'type': 'linear'})
+    opt['num_gpu'] = 1
+    opt['network_g'] = dict(TINY_STUDENT, type='SwinIRStudent', precision=precision)
+    yml = write_yaml(tmp_path / 'train.yml', opt)
+    result = run_cli(['-m', 'dtkd.train', '-opt', yml], cwd=str(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isfile(tmp_path / 'experiments' / f'gpu_{precision}' / 'models' / 'net_g_latest.pth')
+
+
+@pytest.mark.parametrize('tile', [0, 16])
+def test_infer_on_cuda_with_and_without_tiles(tmp_path, tile):
+    import cv2
+    import numpy as np
+
+    torch.manual_seed(0)
+    net = SwinIRStudent(**PAPER)
+    torch.save({'params': net.state_dict()}, tmp_path / 'student.pth')
+    img = (np.random.default_rng(0).random((40, 52, 3)) * 255).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / 'in.png'), img)
+    args = ['-m', 'dtkd.infer', '--model', str(tmp_path / 'student.pth'), '-i', str(tmp_path / 'in.png'),
+            '-o', str(tmp_path / 'out'), '--device', 'cuda', '--tile', str(tile)]
+    result = run_cli(args, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = cv2.imread(str(next((tmp_path / 'out').iterdir())))
+    assert out.shape == (160, 208, 3)
+
+
+def test_one_process_nccl_ddp_start(tiny_pairs, tmp_path):
+    opt = train_options(tiny_pairs, 'gpu_ddp', total_iter=2)
+    opt['num_gpu'] = 1
+    opt['network_g'] = dict(TINY_STUDENT, type='SwinIRStudent')
+    yml = write_yaml(tmp_path / 'train.yml', opt)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1',
+                             '-m', 'dtkd.train', '-opt', yml, '--launcher', 'pytorch'], cwd=str(tmp_path), env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isfile(tmp_path / 'experiments' / 'gpu_ddp' / 'models' / 'net_g_latest.pth')
