@@ -117,4 +117,5 @@ class ConfidenceDWTKDLoss(DWTKDLoss):
 
     def forward(self, pred, target, gt=None):
         terms = self.group_losses(pred, target, gt=gt)
-        return self.loss_weight * sum(self.group_weights[name] * terms[name] for name in terms)
+        weights = self.group_weights_now(terms)
+        return self.loss_weight * sum(weights[name] * terms[name] for name in terms)

@@ -284,8 +284,10 @@ class DWTKDLoss(nn.Module):
             scheduled lambda_KD(t) on top of it.
         level (int): DWT levels J, 1..8 (paper: 2). Level 1 has no MF group.
         wavelet (str): PyWavelets discrete wavelet name (paper: Haar).
-        group_weights (list[float]): [LF, MF, HF] weights >= 0 (paper: [1, 2, 1]); the MF weight must
-            be 0 for level 1.
+        group_weights (list[float] | dict): [LF, MF, HF] weights >= 0 (paper: [1, 2, 1]); the MF weight
+            must be 0 for level 1. Or ``{type: adaptive, base: [1, 2, 1], alpha, momentum, low, high}``:
+            weights that start at ``base`` and follow each group's progress during training
+            (:mod:`dtkd_loss.adaptive_weights`); ``group_weights_now()`` gives the current ones.
         reduction (str): 'mean' or 'sum'.
         mode (str): boundary extension, one of 'symmetric' (default, PyWavelets' default), 'zero',
             'reflect', 'periodization'; see the module docstring.
@@ -302,7 +304,18 @@ class DWTKDLoss(nn.Module):
         self.level = check_level(level, owner)
         self.wavelet = check_wavelet(wavelet, owner)
         self.mode = check_mode(mode, owner)
-        self.group_weights = check_group_weights(group_weights, self.level, owner)
+        self.adaptive = None
+        if isinstance(group_weights, dict):
+            from dtkd_loss.adaptive_weights import AdaptiveGroupWeights
+
+            if group_weights.get('type') != 'adaptive':
+                raise ValueError(f"{owner}: group_weights.type must be 'adaptive' (or give a list [LF, MF, HF]), "
+                                 f"got {group_weights.get('type')!r}")
+            base = group_weights.get('base', (1, 2, 1))
+            self.group_weights = check_group_weights(base, self.level, owner)
+            self.adaptive = AdaptiveGroupWeights(tuple(self.group_weights), group_weights, owner)
+        else:
+            self.group_weights = check_group_weights(group_weights, self.level, owner)
         self.reduction = check_reduction(reduction, owner)
         self.dwt = _AutogradDWT(self.level, self.wavelet, self.mode)
 
@@ -319,6 +332,16 @@ class DWTKDLoss(nn.Module):
         sums, counts = _dwt_group_sums(self.dwt, pred, target, type(self).__name__)
         return reduce_groups(sums, counts, self.reduction)
 
+    def group_weights_now(self, terms=None):
+        """The group weights to apply: the fixed ones, or the adaptive ones (updated with ``terms`` while
+        training with gradients)."""
+        if self.adaptive is None:
+            return self.group_weights
+        if terms is not None and self.training and torch.is_grad_enabled():
+            return self.adaptive.update(terms)
+        return self.adaptive.weights()
+
     def forward(self, pred, target):
         terms = self.group_losses(pred, target)
-        return self.loss_weight * sum(self.group_weights[name] * terms[name] for name in terms)
+        weights = self.group_weights_now(terms)
+        return self.loss_weight * sum(weights[name] * terms[name] for name in terms)
