@@ -167,8 +167,10 @@ def parse_options(root_path, is_train=True, argv=None):
     parser.add_argument('--auto_resume', action='store_true')
     parser.add_argument('--debug', action='store_true')
     parser.add_argument('--local_rank', type=int, default=0)
-    parser.add_argument('--force_yml', nargs='+', default=None,
-                        help='Override existing options, e.g. train:ema_decay=0.999')
+    # action='extend': a second --force_yml adds its entries (as the missing-weights hint tells users to
+    # do) instead of silently replacing the first one's, which argparse's default 'store' would do.
+    parser.add_argument('--force_yml', nargs='+', action='extend', default=None,
+                        help='Override existing options, e.g. train:ema_decay=0.999 (repeatable)')
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     opt = load_yaml(args.opt)

@@ -4,11 +4,14 @@
 For every image and checkpoint: mean |W_g(T) - W_g(S)| over the coefficients of each frequency group
 (LF = LL2, MF = LH2/HL2/HH2, HF = LH1/HL1/HH1 for the paper's two-level Haar DWT). Example::
 
-    python scripts/plot_band_discrepancy.py --teacher results/teacher/visualization/RealSR \
-        --student "no KD=results/swinir_s/visualization/RealSR" \
-        --student "DWT KD=results/dtkd/visualization/RealSR" --out figures/band_discrepancy.png
+    python scripts/plot_band_discrepancy.py --teacher results/teacher_RealSR_Canon \
+        --student "no KD=results/swinir_s/visualization/RealSR_Canon" \
+        --student "DWT KD=results/dtkd/visualization/RealSR_Canon" --out figures/band_discrepancy.png
 
-writes the PNG and, beside it, the numbers as JSON (same name, .json). Images are matched by file
+writes the PNG and, beside it, the numbers as JSON (same name, .json). The teacher's folder holds its SR
+image of every test image, named by the test set's keys: ``scripts/generate_teacher_outputs.py`` with
+the test set's LQ and GT LMDBs as ``--input``/``--gt`` and a folder as ``--output`` writes it
+(docs/evaluation.md, "Figures"). Images are matched by file
 name; the run name dtkd-test appends to its images (``<image>_<run>.png``) is removed automatically,
 other name endings with ``--strip-suffix``.
 """

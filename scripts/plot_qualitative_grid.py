@@ -2,14 +2,17 @@
 """Qualitative comparison with a zoomed region in a red box (the paper's Figures 5 and 6).
 
 Columns in order: the bicubic-upsampled LR input (--lr), each --panel as given, the ground truth
-(--gt). Example with the paper's columns::
+(--gt). Each of them is a folder, in which the image is found by file stem (``--image``; the run name
+dtkd-test appends to its images is removed automatically, other name endings with ``--strip-suffix``),
+or one image file. Example with the paper's columns, on RealSR V3 (whose HR and LR images share one
+folder, so they are named as files)::
 
-    python scripts/plot_qualitative_grid.py --image Canon_005 --lr datasets/RealSR/LR \
-        --panel "SwinIR-small=results/swinir_s/visualization/RealSR" \
-        --panel "L1 KD=results/l1kd/visualization/RealSR" \
-        --panel "DWT KD (ours)=results/dtkd/visualization/RealSR" \
-        --panel "Teacher=results/teacher/visualization/RealSR" \
-        --gt datasets/RealSR/HR --box 200,120,64,64 --strip-suffix _swinir_s --out figures/fig5.png
+    python scripts/plot_qualitative_grid.py --image Canon_005 \
+        --lr datasets/RealSR/Canon/Test/4/Canon_005_LR4.png --gt datasets/RealSR/Canon/Test/4/Canon_005_HR.png \
+        --panel "SwinIR-small=results/swinir_s/visualization/RealSR_Canon" \
+        --panel "L1 KD=results/l1kd/visualization/RealSR_Canon" \
+        --panel "DWT KD (ours)=results/dtkd/visualization/RealSR_Canon" \
+        --panel "Teacher=results/teacher_RealSR_Canon" --box 200,120,64,64 --out figures/fig5.png
 """
 import argparse
 import os
@@ -21,6 +24,9 @@ from dtkd_metric.figures import list_images, parse_box, plot_qualitative_grid, r
 
 
 def _find(folder, image, strip_suffixes, what):
+    """The image ``image`` of a result folder, or ``folder`` itself when it is an image file."""
+    if os.path.isfile(folder):
+        return folder
     images = list_images(folder, strip_suffixes)
     if image not in images:
         shown = ', '.join(sorted(images)[:10]) + (' ...' if len(images) > 10 else '')
@@ -30,12 +36,14 @@ def _find(folder, image, strip_suffixes, what):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--image', required=True, help='image name (file stem) to show')
+    parser.add_argument('--image', required=True, help='image name (file stem) to show from each folder')
     parser.add_argument('--panel', action='append', default=[], metavar='LABEL=FOLDER',
-                        help='a result folder and its column title (repeat, in column order)')
-    parser.add_argument('--lr', default=None, help='folder of LR inputs, shown bicubic-upsampled as the first column')
+                        help='a result folder (or one image file) and its column title (repeat, in column order)')
+    parser.add_argument('--lr', default=None,
+                        help='folder of LR inputs (or the LR image file), shown bicubic-upsampled as the first column')
     parser.add_argument('--lr-label', default='Bicubic')
-    parser.add_argument('--gt', default=None, help='folder of ground truths, shown as the last column')
+    parser.add_argument('--gt', default=None,
+                        help='folder of ground truths (or the GT image file), shown as the last column')
     parser.add_argument('--gt-label', default='GT')
     parser.add_argument('--box', required=True, help='zoom box "x,y,width,height" in output-image pixels')
     parser.add_argument('--strip-suffix', action='append', default=[],
