@@ -21,7 +21,8 @@ adds two uses of unpaired augmentation to response distillation:
 As in the official code, the main step (task loss + lambda(t) KD loss, DTKDModel) and the
 auxiliary step (zoom-in, zoom-out, consistency) are two optimizer steps per iteration, and the EMA
 is updated once after both. The distillation terms use ``train.kd_opt``'s loss at unit weight; the
-auxiliary weights are constant (AugKD has no schedule).
+auxiliary weights are constant (AugKD has no schedule). In fp16 training both steps go through the
+gradient scaler (each is scaled, unscaled, skipped by the scaler on overflow, and updates it).
 
 Teacher labels (``train.augkd_opt.label_source``):
 
@@ -287,9 +288,8 @@ class AugKDModel(DTKDModel):
         stepped = self.step_taken
         if terms:
             total = sum(terms.values())
-            total.backward()
-            if self.finite_step(total, terms, current_iter):
-                self.optimizer_g.step()
+            self.scaled_backward(total)  # total.backward(), scaled in fp16 training
+            if self.step_if_finite(total, terms, current_iter, self.optimizer_g):
                 stepped = True
             log.update(self.reduce_loss_dict(OrderedDict((k, v.detach()) for k, v in terms.items())))
         self.log_dict = log

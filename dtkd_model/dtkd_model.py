@@ -16,8 +16,27 @@ so any image size works; ``val.tile: {tile_size, tile_pad}`` switches to blended
 Checkpoints and training states are written atomically and only when finite; a step whose loss or
 gradients hold NaN/Inf is skipped, and ``train.max_nonfinite_steps`` consecutive ones stop training
 (:mod:`dtkd_model.safe_training`).
+
+A KD loss whose ``forward`` takes a ``gt`` keyword (or ``**kwargs``) is also given the ground truth:
+``cri_kd(output, teacher, gt=gt)`` (confidence-aware losses weigh the teacher by its error to the GT).
+
+GPU training (docs/gpu_training.md):
+
+- ``network_g.precision: fp16`` (CUDA): the student's forward runs under fp16 autocast and the loss is
+  scaled by a ``torch.amp.GradScaler`` (:meth:`SafeTrainingMixin.step_if_finite`: overflow skips are
+  the scaler's, not non-finite steps); the scaler's state is part of the training state. ``bf16`` and
+  ``fp32`` use no scaler (fp32 is unchanged).
+- ``train.channels_last: true``: on CUDA the student and its LQ inputs use the channels_last memory
+  format (the EMA copy keeps the default layout; checkpoints are saved contiguous). SwinIR is mostly
+  token-wise (attention and MLPs on (B, N, C) tokens), so only its convolutions (first, body,
+  upsampler) can gain; not measured on a GPU yet. Ignored on the CPU.
+- ``train.compile: true``: the training forward runs through ``torch.compile(self.net_g)``, a wrapper
+  kept beside ``self.net_g``: checkpoints, the EMA and validation use the uncompiled module, so the
+  state-dict keys are unchanged. The first iteration's time (compilation included) is logged.
 """
+import inspect
 import logging
+import time
 from collections import OrderedDict
 from copy import deepcopy
 from os import path as osp
@@ -36,7 +55,7 @@ from dtkd_compat import OptionError
 from dtkd_loss.dwt_kd_loss import band_group_discrepancy
 from dtkd_model.kd_schedule import KDWeightSchedule
 from dtkd_model.options import check_model_options
-from dtkd_model.safe_training import SafeTrainingMixin, atomic_imwrite
+from dtkd_model.safe_training import SafeTrainingMixin, atomic_imwrite, make_grad_scaler
 
 
 @MODEL_REGISTRY.register()
@@ -73,6 +92,8 @@ class DTKDModel(SafeTrainingMixin, SRModel):
             handler.handle(logging.LogRecord(logger.name, logging.INFO, __file__, 0, summary, None, None))
 
     def model_to_device(self, net):
+        if self._channels_last():  # before any DDP wrapping: DDP's gradient buckets follow the parameters' layout
+            net = net.to(self.device, memory_format=torch.channels_last)
         # BasicSR passes device_ids=[current CUDA device] to DDP, which fails on a CPU process group.
         if self.opt['dist'] and self.device.type == 'cpu':
             net = net.to(self.device)
@@ -95,6 +116,50 @@ class DTKDModel(SafeTrainingMixin, SRModel):
         if teacher_opt is not None and self.cri_kd is not None:
             self.online_teacher = self._build_online_teacher(teacher_opt)
         self.log_freq = int(self.opt.get('logger', {}).get('print_freq', 100))
+        self.kd_takes_gt = self.cri_kd is not None and self._accepts_gt(self.cri_kd)
+        self.grad_scaler = self._build_grad_scaler()
+        self._setup_gpu_options(train_opt)
+
+    # ------------------------------------------------------------------ GPU training options
+    def _wants_grad_scaler(self):
+        """fp16 autocast needs loss scaling (fp16's range is small); bf16 has fp32's range, fp32 needs none."""
+        return self.opt['network_g'].get('precision', 'fp32') == 'fp16'
+
+    def _build_grad_scaler(self):
+        if not self._wants_grad_scaler():
+            return None
+        scaler = make_grad_scaler(self.device)
+        get_root_logger().info(f'network_g.precision fp16: the loss is scaled by a gradient scaler '
+                               f'(initial scale {scaler.get_scale():g})')
+        return scaler
+
+    def _channels_last(self):
+        """``train.channels_last`` on a CUDA device, in training (the CPU ignores it)."""
+        if not self.opt.get('is_train'):
+            return False
+        return bool((self.opt.get('train') or {}).get('channels_last', False)) and self.device.type == 'cuda'
+
+    def _setup_gpu_options(self, train_opt):
+        logger = get_root_logger()
+        if train_opt.get('channels_last'):
+            if self._channels_last():
+                logger.info('train.channels_last: the student and its LQ inputs use the channels_last memory format')
+            else:
+                logger.info(f'train.channels_last: ignored on {self.device.type} (a CUDA option)')
+        self.net_g_compiled = None
+        self._compile_started = None
+        if train_opt.get('compile'):
+            # A wrapper beside self.net_g (which keeps its state-dict keys, used by checkpoints, the EMA and
+            # validation); torch.compile is lazy: the first training forward and backward compile.
+            self.net_g_compiled = torch.compile(self.net_g)
+            logger.info('train.compile: the student is compiled with torch.compile at the first iteration')
+
+    @staticmethod
+    def _accepts_gt(loss):
+        """Whether ``loss.forward`` takes a ``gt`` keyword (or any keyword, ``**kwargs``)."""
+        params = inspect.signature(loss.forward).parameters.values()
+        return any(p.name == 'gt' and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.kind == p.VAR_KEYWORD
+                   for p in params)
 
     def _build_online_teacher(self, teacher_opt):
         from dtkd_teacher.teacher import ResShiftTeacher
@@ -109,6 +174,8 @@ class DTKDModel(SafeTrainingMixin, SRModel):
     def feed_data(self, data):
         super().feed_data(data)
         self.teacher = data['teacher'].to(self.device) if 'teacher' in data else None
+        if self._channels_last():
+            self.lq = self.lq.contiguous(memory_format=torch.channels_last)
 
     def get_teacher_output(self):
         """The teacher's SR for the current batch, (B, C, sH, sW) in [0, 1].
@@ -125,9 +192,19 @@ class DTKDModel(SafeTrainingMixin, SRModel):
         return self.teacher
 
     # ------------------------------------------------------------------ training
+    def kd_loss(self, output, teacher):
+        """The KD loss at unit weight; the batch's GT is passed too when the loss takes a ``gt`` keyword."""
+        if self.kd_takes_gt:
+            return self.cri_kd(output, teacher, gt=self.gt)
+        return self.cri_kd(output, teacher)
+
     def optimize_parameters(self, current_iter):
+        compiled = getattr(self, 'net_g_compiled', None)
+        first_compiled = compiled is not None and self._compile_started is None
+        if first_compiled:
+            self._compile_started = time.perf_counter()
         self.optimizer_g.zero_grad(set_to_none=True)
-        self.output = self.net_g(self.lq)
+        self.output = (self.net_g if compiled is None else compiled)(self.lq)
 
         loss_dict = OrderedDict()
         l_task = self.cri_pix(self.output, self.gt)
@@ -140,7 +217,7 @@ class DTKDModel(SafeTrainingMixin, SRModel):
             # teacher's sampling) except when it is logged.
             if lam > 0 or log_now:
                 teacher = self.get_teacher_output()
-                l_kd = self.cri_kd(self.output, teacher)
+                l_kd = self.kd_loss(self.output, teacher)
                 if lam > 0:
                     l_total = l_total + lam * l_kd
                 loss_dict['l_kd'] = l_kd.detach()
@@ -150,15 +227,21 @@ class DTKDModel(SafeTrainingMixin, SRModel):
                     for name, value in groups.items():
                         loss_dict[f'kd_{name}'] = value.mean()
             loss_dict['lambda_kd'] = torch.tensor(lam, device=self.device)
-        l_total.backward()
+        if self.grad_scaler is not None:
+            loss_dict['grad_scale'] = torch.tensor(self.grad_scaler.get_scale(), device=self.device)
+        self.scaled_backward(l_total)  # l_total.backward(), scaled in fp16 training
         extra = {'teacher output': self.teacher} if self.teacher is not None else None
-        self.step_taken = self.finite_step(l_total, loss_dict, current_iter, extra=extra)
-        if self.step_taken:
-            self.optimizer_g.step()
+        self.step_taken = self.step_if_finite(l_total, loss_dict, current_iter, self.optimizer_g, extra=extra)
 
         self.log_dict = self.reduce_loss_dict(loss_dict)
         if self.step_taken and self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
+        if first_compiled:
+            if self.device.type == 'cuda':
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - self._compile_started
+            get_root_logger().info(f'train.compile: compiled the student in {seconds:.1f} s '
+                                   '(the first iteration, forward and backward, compilation included)')
 
     # ------------------------------------------------------------------ inference
     def _window_multiple(self):

@@ -75,7 +75,9 @@ DTKD_MODELS = ('DTKDModel', 'AugKDModel')
 TOP_KEYS = ('name', 'model_type', 'scale', 'num_gpu', 'manual_seed', 'datasets', 'network_g', 'path', 'train', 'val',
             'logger', 'dist_params', 'teacher', 'dataset_check', 'find_unused_parameters')
 TRAIN_KEYS = ('ema_decay', 'optim_g', 'scheduler', 'total_iter', 'warmup_iter', 'pixel_opt', 'perceptual_opt',
-              'kd_opt', 'kd_schedule', 'max_nonfinite_steps')
+              'kd_opt', 'kd_schedule', 'max_nonfinite_steps', 'channels_last', 'compile')
+# train keys that are switches (docs/gpu_training.md): true or false, default false
+TRAIN_SWITCHES = ('channels_last', 'compile')
 VAL_KEYS = ('val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'tile', 'pad_multiple', 'model_label', 'kd_label')
 TEACHER_KEYS = ('opt', 'precision')
 TILE_KEYS = ('tile_size', 'tile_pad')
@@ -106,13 +108,18 @@ def _check_loss_block(block, where):
 
 def check_model_options(opt, is_train):
     """The values DTKDModel and AugKDModel depend on: task and KD loss blocks, the KD schedule, the teacher
-    block, ``val.tile`` and ``train.max_nonfinite_steps``. Called by :func:`check_project_blocks` (before
-    anything is created) and by the models themselves (when another runner builds them)."""
+    block, ``val.tile``, ``train.max_nonfinite_steps`` and the switches ``train.channels_last`` and
+    ``train.compile``. Called by :func:`check_project_blocks` (before anything is created) and by the
+    models themselves (when another runner builds them)."""
     train = opt.get('train') or {}
     if is_train:
         if not train.get('pixel_opt'):
             raise OptionError('train.pixel_opt: DTKDModel needs a task loss (the paper uses L1Loss)')
         max_nonfinite_steps(train)
+        for key in TRAIN_SWITCHES:
+            value = train.get(key, False)
+            if not isinstance(value, bool):
+                raise OptionError(f'train.{key}: expected true or false, got {value!r}')
         kd_opt = train.get('kd_opt')
         if kd_opt is not None:
             if not isinstance(kd_opt, dict) or 'type' not in kd_opt:

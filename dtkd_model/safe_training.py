@@ -17,6 +17,18 @@
   batch's image keys. After ``train.max_nonfinite_steps`` consecutive iterations with a skipped step
   (default 5) training stops with :class:`NonFiniteError`; the last checkpoint is the last good one.
   In distributed training the decision is shared by all processes, so their weights stay equal.
+- fp16 loss scaling: a model that sets ``self.grad_scaler`` (a ``torch.amp.GradScaler``, see
+  :func:`make_grad_scaler`) calls :meth:`SafeTrainingMixin.scaled_backward` and
+  :meth:`SafeTrainingMixin.step_if_finite` instead of ``backward`` / ``finite_step`` /
+  ``optimizer.step``: the loss is scaled for ``backward``; a non-finite (unscaled) loss is a skipped,
+  counted step as above and leaves the scaler untouched; otherwise the gradients are unscaled, the
+  scaler skips the optimizer step when they overflowed and lowers its scale, which is fp16's normal
+  course and not counted, and the scaler is updated. Only an overflow at a scale already below
+  :data:`MIN_GRAD_SCALE` (gradients that overflow even unscaled: NaN/Inf, not a range problem) is
+  counted as a non-finite step, so a NaN gradient cannot silently skip every step forever. The
+  scaler's state is saved in the training state (``grad_scaler``) and restored on resume.
+  Without a scaler (fp32, bf16) these methods are exactly ``loss.backward()``, ``finite_step`` and
+  ``optimizer.step()``.
 """
 import contextlib
 import os
@@ -31,6 +43,9 @@ from basicsr.utils.dist_util import master_only
 from dtkd_compat import OptionError, atomic_write, fault_point
 
 DEFAULT_MAX_NONFINITE_STEPS = 5
+# An overflow of the scaled gradients at a loss scale below this is counted as a non-finite step (fp16
+# overflows without any scaling at scale 1; the scaler starts at 2**16 and reaches 1 after 16 overflows).
+MIN_GRAD_SCALE = 1.0
 
 
 class NonFiniteError(RuntimeError):
@@ -106,6 +121,13 @@ def max_nonfinite_steps(train_opt):
     return value
 
 
+def make_grad_scaler(device):
+    """A ``torch.amp.GradScaler`` for ``device`` (a torch.device or its name; 'cuda' for fp16 training,
+    'cpu' in the tests), with torch's defaults (initial scale 2**16, halved on overflow, doubled after
+    2000 good steps)."""
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
 class SafeTrainingMixin:
     """Atomic, finite-only checkpoints, weights-only loading and NaN/Inf step skipping for BasicSR models."""
 
@@ -113,7 +135,7 @@ class SafeTrainingMixin:
     def _nonfinite_state(self):
         if not hasattr(self, '_nonfinite'):
             self._nonfinite = {'limit': max_nonfinite_steps(self.opt.get('train')), 'run': 0, 'last_bad': None,
-                               'skipped': 0}
+                               'skipped': 0, 'scaler_skipped': 0}
         return self._nonfinite
 
     def batch_keys(self):
@@ -134,8 +156,15 @@ class SafeTrainingMixin:
         ``extra`` tensors (e.g. ``{'teacher output': t}``) and the batch keys; after
         ``train.max_nonfinite_steps`` consecutive bad iterations :class:`NonFiniteError` is raised.
         """
-        state = self._nonfinite_state()
         nets = nets if nets is not None else [self.net_g]
+        if self._all_finite(loss, nets):
+            self._good_step(current_iter)
+            return True
+        self._bad_step(current_iter, self._nonfinite_names(terms, extra), nets)
+        return False
+
+    def _all_finite(self, loss, nets=()):
+        """``loss`` and the gradients of ``nets`` finite, on every process (one bad process makes it bad)."""
         grads = [p.grad for net in nets for p in net.parameters() if p.grad is not None]
         ok = torch.isfinite(loss.detach()).all()
         if grads:
@@ -144,23 +173,30 @@ class SafeTrainingMixin:
             flag = ok.to(torch.int32).reshape(1)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # one bad process makes the step bad everywhere
             ok = flag[0] > 0
-        if bool(ok):
-            if state['last_bad'] != current_iter:
-                state['run'] = 0
-            return True
+        return bool(ok)
 
+    def _good_step(self, current_iter):
+        state = self._nonfinite_state()
+        if state['last_bad'] != current_iter:
+            state['run'] = 0
+
+    @staticmethod
+    def _nonfinite_names(terms, extra):
+        what = [name for name, value in terms.items()
+                if torch.is_tensor(value) and not bool(torch.isfinite(value.detach()).all())]
+        what += [name for name, value in (extra or {}).items()
+                 if torch.is_tensor(value) and not bool(torch.isfinite(value).all())]
+        return what or ['gradients']
+
+    def _bad_step(self, current_iter, what, nets):
+        """A skipped, counted step: gradients cleared, a warning, and the stop after too many in a row."""
+        state = self._nonfinite_state()
         for net in nets:
             net.zero_grad(set_to_none=True)
         state['skipped'] += 1
         if state['last_bad'] != current_iter:
             state['run'] += 1
             state['last_bad'] = current_iter
-        what = [name for name, value in terms.items()
-                if torch.is_tensor(value) and not bool(torch.isfinite(value.detach()).all())]
-        what += [name for name, value in (extra or {}).items()
-                 if torch.is_tensor(value) and not bool(torch.isfinite(value).all())]
-        if not what:
-            what = ['gradients']
         keys = ', '.join(self.batch_keys()) or 'unknown'
         message = (f'iter {current_iter}: non-finite {", ".join(what)}; step skipped (batch: {keys}); '
                    f'{state["run"]} consecutive, limit train.max_nonfinite_steps={state["limit"]}')
@@ -170,6 +206,54 @@ class SafeTrainingMixin:
                                  f'a NaN/Inf loss or gradient (last: {", ".join(what)}; batch: {keys}). No NaN was '
                                  'saved: the newest checkpoint is the last good one. Lower the learning rate, check '
                                  'the data and teacher outputs, or raise train.max_nonfinite_steps')
+
+    # ------------------------------------------------------------------ fp16 loss scaling
+    def scaled_backward(self, loss):
+        """``loss.backward()``, of the loss times the gradient scaler's scale when the model has a scaler."""
+        scaler = getattr(self, 'grad_scaler', None)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+
+    def step_if_finite(self, loss, terms, current_iter, optimizer, nets=None, extra=None):
+        """After :meth:`scaled_backward`: check, then ``optimizer.step()``; returns whether the step was taken.
+
+        Without a gradient scaler: :meth:`finite_step`, then ``optimizer.step()`` when it allows. With one:
+
+        1. a non-finite loss is a skipped, counted step (:meth:`finite_step`'s warning and limit); the
+           scaler is not touched (no unscale, no update): its scale is no cause of a NaN loss;
+        2. the gradients are unscaled; the scaler skips ``optimizer.step()`` when they hold Inf/NaN (an
+           fp16 overflow of the scaled gradients) and halves its scale; that skip is not counted as a
+           non-finite step (the consecutive count is left as it is) unless the scale was already below
+           :data:`MIN_GRAD_SCALE`;
+        3. the scaler is updated.
+        """
+        scaler = getattr(self, 'grad_scaler', None)
+        nets = nets if nets is not None else [self.net_g]
+        if scaler is None:
+            taken = self.finite_step(loss, terms, current_iter, nets=nets, extra=extra)
+            if taken:
+                optimizer.step()
+            return taken
+        if not self._all_finite(loss):
+            self._bad_step(current_iter, self._nonfinite_names(terms, extra), nets)
+            return False
+        scale = scaler.get_scale()
+        scaler.unscale_(optimizer)  # the gradients are unscaled before the scaler checks them and steps
+        scaler.step(optimizer)  # skipped by the scaler when an unscaled gradient holds Inf/NaN
+        scaler.update()  # halves the scale after an overflow (backoff), grows it after growth_interval good steps
+        new_scale = scaler.get_scale()
+        if 0 < scale <= new_scale:  # only an overflow lowers the scale (at scale 0 every step overflows)
+            self._good_step(current_iter)
+            return True
+        state = self._nonfinite_state()
+        state['scaler_skipped'] += 1
+        if scale < MIN_GRAD_SCALE:
+            self._bad_step(current_iter, [f'gradients (overflow at gradient scale {scale:g})'], nets)
+            return False
+        for net in nets:
+            net.zero_grad(set_to_none=True)
+        get_root_logger().info(f'iter {current_iter}: fp16 gradient overflow at loss scale {scale:g}; the gradient '
+                               f'scaler skipped the step and lowered the scale to {new_scale:g} (normal in fp16 '
+                               'training; not counted as a non-finite step)')
         return False
 
     # ------------------------------------------------------------------ saving
@@ -186,7 +270,9 @@ class SafeTrainingMixin:
         save_dict = {}
         for net_, key_ in zip(nets, param_keys):
             state_dict = self.get_bare_model(net_).state_dict()
-            save_dict[key_] = {(k[7:] if k.startswith('module.') else k): v.cpu() for k, v in state_dict.items()}
+            # contiguous: a channels_last student (train.channels_last) is saved in the default layout
+            save_dict[key_] = {(k[7:] if k.startswith('module.') else k): v.cpu().contiguous()
+                               for k, v in state_dict.items()}
         bad = nonfinite_entries(save_dict)
         if bad:
             raise NonFiniteError(f'{save_path} not saved: {len(bad)} tensor(s) hold NaN/Inf ({", ".join(bad[:5])}); '
@@ -200,6 +286,9 @@ class SafeTrainingMixin:
             return
         state = {'epoch': epoch, 'iter': current_iter, 'optimizers': [o.state_dict() for o in self.optimizers],
                  'schedulers': [s.state_dict() for s in self.schedulers]}
+        scaler = getattr(self, 'grad_scaler', None)
+        if scaler is not None:
+            state['grad_scaler'] = scaler.state_dict()  # fp16 loss scale and growth tracker (plain numbers)
         save_path = osp.join(self.opt['path']['training_states'], f'{current_iter}.state')
         bad = nonfinite_entries(state['optimizers'], 'optimizers')
         if bad:
@@ -208,6 +297,21 @@ class SafeTrainingMixin:
         fault_point(f'save_training_state.saved:{current_iter}')  # crash tests only (dtkd_compat.fault_point)
 
     # ------------------------------------------------------------------ loading
+    def resume_training(self, resume_state):
+        """BasicSR's ``resume_training`` (optimizers, schedulers) plus the fp16 gradient scaler's state."""
+        super().resume_training(resume_state)
+        scaler = getattr(self, 'grad_scaler', None)
+        saved = resume_state.get('grad_scaler')
+        logger = get_root_logger()
+        if scaler is not None and saved:
+            scaler.load_state_dict(saved)
+            logger.info(f'Resumed the fp16 gradient scaler at loss scale {scaler.get_scale():g}')
+        elif scaler is not None:
+            logger.info('The training state has no gradient scaler (saved by an fp32/bf16 run); the fp16 gradient '
+                        f'scaler starts at loss scale {scaler.get_scale():g}')
+        elif saved:
+            logger.info('The training state holds an fp16 gradient scaler; it is not used (no fp16 training now)')
+
     def load_network(self, net, load_path, strict=True, param_key='params'):
         """BasicSR's ``load_network`` with weights-only reading and errors naming the file."""
         from dtkd_arch.checkpoint import CheckpointFormatError, safe_torch_load

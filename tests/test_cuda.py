@@ -3,7 +3,9 @@
 References are computed on the CPU in float64, and errors are bounded absolutely against them.
 """
 import copy
+import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -106,3 +108,51 @@ def test_one_process_nccl_ddp_start(tiny_pairs, tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.isfile(tmp_path / 'experiments' / 'gpu_ddp' / 'models' / 'net_g_latest.pth')
+
+
+def _train_log(exp):
+    return ''.join(open(p).read() for p in sorted(glob.glob(str(exp / 'train_*.log'))))
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_fp16_training_with_the_gradient_scaler_20_iterations(tiny_pairs, tmp_path, channels_last):
+    name = f'gpu_fp16{"_cl" if channels_last else ""}'
+    opt = train_options(tiny_pairs, name, total_iter=20, save_freq=10,
+                        kd_opt={'type': 'DWTKDLoss', 'loss_weight': 2.0, 'level': 2, 'group_weights': [1, 2, 1]},
+                        kd_schedule={'type': 'linear'})
+    opt['num_gpu'] = 1
+    opt['network_g'] = dict(TINY_STUDENT, type='SwinIRStudent', precision='fp16')
+    opt['train']['channels_last'] = channels_last
+    yml = write_yaml(tmp_path / 'train.yml', opt)
+    result = run_cli(['-m', 'dtkd.train', '-opt', yml], cwd=str(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exp = tmp_path / 'experiments' / name
+    log = _train_log(exp)
+    assert 'the loss is scaled by a gradient scaler' in log
+    assert ('train.channels_last: the student and its LQ inputs use the channels_last' in log) == channels_last
+    assert 'non-finite' not in log  # scaler skips (if any) are not non-finite steps
+    weights = torch.load(exp / 'models' / 'net_g_latest.pth', weights_only=True)['params']
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert all(v.is_contiguous() for v in weights.values())
+    for it in (10, 20):
+        state = torch.load(exp / 'training_states' / f'{it}.state', weights_only=True)
+        assert state['grad_scaler']['scale'] > 0, state['grad_scaler']
+
+
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_compile_on_cuda_trains_a_few_iterations(tiny_pairs, tmp_path, precision):
+    name = f'gpu_compile_{precision}'
+    opt = train_options(tiny_pairs, name, total_iter=4, save_freq=2,
+                        kd_opt={'type': 'DWTKDLoss', 'loss_weight': 2.0, 'level': 2, 'group_weights': [1, 2, 1]})
+    opt['num_gpu'] = 1
+    opt['network_g'] = dict(TINY_STUDENT, type='SwinIRStudent', precision=precision)
+    opt['train']['compile'] = True
+    yml = write_yaml(tmp_path / 'train.yml', opt)
+    result = run_cli(['-m', 'dtkd.train', '-opt', yml], cwd=str(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exp = tmp_path / 'experiments' / name
+    assert len(re.findall(r'train\.compile: compiled the student in [\d.]+ s', _train_log(exp))) == 1
+    params = {k: v for k, v in TINY_STUDENT.items() if k != 'type'}
+    keys = list(SwinIRStudent(**params).state_dict())
+    for name in ('net_g_2.pth', 'net_g_latest.pth'):
+        assert list(torch.load(exp / 'models' / name, weights_only=True)['params']) == keys
