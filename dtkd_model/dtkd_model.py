@@ -221,6 +221,12 @@ class DTKDModel(SafeTrainingMixin, SRModel):
                 if lam > 0:
                     l_total = l_total + lam * l_kd
                 loss_dict['l_kd'] = l_kd.detach()
+                for name, value in (getattr(self.cri_kd, 'last_confidence', None) or {}).items():
+                    loss_dict[f'kd_conf_{name}'] = value.detach().float()  # ConfidenceDWTKDLoss
+                adaptive = getattr(self.cri_kd, 'adaptive', None)
+                if adaptive is not None:  # adaptive band-group weights
+                    for name, value in adaptive.weights().items():
+                        loss_dict[f'kd_w_{name}'] = torch.tensor(value, device=self.device)
                 if log_now:
                     with torch.no_grad():
                         groups = band_group_discrepancy(self.output.detach(), teacher)
@@ -242,6 +248,20 @@ class DTKDModel(SafeTrainingMixin, SRModel):
             seconds = time.perf_counter() - self._compile_started
             get_root_logger().info(f'train.compile: compiled the student in {seconds:.1f} s '
                                    '(the first iteration, forward and backward, compilation included)')
+
+    def extra_training_state(self):
+        """The adaptive band-group weights' state (running means, starting point, current weights)."""
+        adaptive = getattr(getattr(self, 'cri_kd', None), 'adaptive', None)
+        return {'kd_adaptive_weights': adaptive.state_dict()} if adaptive is not None else {}
+
+    def load_extra_training_state(self, resume_state):
+        adaptive = getattr(getattr(self, 'cri_kd', None), 'adaptive', None)
+        saved = resume_state.get('kd_adaptive_weights')
+        if adaptive is not None and saved is not None:
+            adaptive.load_state_dict(saved)
+            get_root_logger().info(f'Resumed the adaptive band-group weights at {adaptive.weights()}')
+        elif adaptive is not None:
+            get_root_logger().info('The training state has no adaptive band-group weights; they start again')
 
     # ------------------------------------------------------------------ inference
     def _window_multiple(self):

@@ -289,6 +289,7 @@ class SafeTrainingMixin:
         scaler = getattr(self, 'grad_scaler', None)
         if scaler is not None:
             state['grad_scaler'] = scaler.state_dict()  # fp16 loss scale and growth tracker (plain numbers)
+        state.update(self.extra_training_state())
         save_path = osp.join(self.opt['path']['training_states'], f'{current_iter}.state')
         bad = nonfinite_entries(state['optimizers'], 'optimizers')
         if bad:
@@ -311,6 +312,14 @@ class SafeTrainingMixin:
                         f'scaler starts at loss scale {scaler.get_scale():g}')
         elif saved:
             logger.info('The training state holds an fp16 gradient scaler; it is not used (no fp16 training now)')
+        self.load_extra_training_state(resume_state)
+
+    def extra_training_state(self):
+        """Entries a model adds to its training state (tensors and plain numbers only); none by default."""
+        return {}
+
+    def load_extra_training_state(self, resume_state):
+        """Restore what :meth:`extra_training_state` saved; nothing by default."""
 
     def load_network(self, net, load_path, strict=True, param_key='params'):
         """BasicSR's ``load_network`` with weights-only reading and errors naming the file."""

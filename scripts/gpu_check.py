@@ -6,8 +6,9 @@ Needs one CUDA GPU; finishes in a few minutes (tiny data made on the spot, rando
 and one line saying so. Steps:
 
 1. ``pytest -m cuda``: the student forward and gradients (fp32, bf16) against float64 on the CPU, the
-   teacher on CUDA against the CPU, 20 training iterations of the paper's options (fp32, bf16 autocast),
-   dtkd-infer with and without tiles, a one-process NCCL start;
+   teacher on CUDA against the CPU, 20 training iterations of the paper's options (fp32, bf16 autocast,
+   fp16 with the gradient scaler, with and without channels-last), train.compile, dtkd-infer with and
+   without tiles, a one-process NCCL start;
 2. the student's latency and training speed (``benchmark_student.py --device cuda``);
 3. the teacher's latency and the teacher/student ratio (``benchmark_teacher.py``, random weights);
 4. FLOPs and parameters (``benchmark_complexity.py``);

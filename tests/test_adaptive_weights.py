@@ -73,3 +73,30 @@ def test_option_errors_name_the_key():
                          ({'type': 'adaptive', 'base': [1, 2]}, 'group_weights')):
         with pytest.raises(ValueError, match=key):
             DWTKDLoss(group_weights=options)
+
+
+def test_training_logs_the_weights_and_confidence_and_resume_restores_the_weights(tiny_pairs, tmp_path):
+    import forking
+
+    from conftest import train_options, write_yaml
+    from dtkd import train
+    from dtkd_arch.checkpoint import safe_torch_load
+
+    kd = {'type': 'ConfidenceDWTKDLoss', 'loss_weight': 2.0, 'confidence': {'type': 'gt_agreement', 'tau': 0.05},
+          'group_weights': {'type': 'adaptive', 'momentum': 0.5}}
+    opt = train_options(tiny_pairs, 'adaptive', total_iter=4, save_freq=2, kd_opt=kd,
+                        kd_schedule={'type': 'linear'})
+    yml = write_yaml(tmp_path / 'adaptive.yml', opt)
+    code, out = forking.run_entry_point(train, ['dtkd-train', '-opt', yml, '--force_yml', 'train:total_iter=2'],
+                                        str(tmp_path / 'log1'), str(tmp_path))
+    assert code == 0, out[-3000:]
+    assert 'kd_w_LF' in out and 'kd_conf_HF' in out
+    state = safe_torch_load(str(tmp_path / 'experiments' / 'adaptive' / 'training_states' / '2.state'))
+    saved = state['kd_adaptive_weights']
+    assert int(saved['count']) == 2 and saved['current'].sum().item() == pytest.approx(4.0)
+    code, out = forking.run_entry_point(train, ['dtkd-train', '-opt', yml, '--auto_resume'], str(tmp_path / 'log2'),
+                                        str(tmp_path))
+    assert code == 0, out[-3000:]
+    assert 'Resumed the adaptive band-group weights at' in out
+    final = safe_torch_load(str(tmp_path / 'experiments' / 'adaptive' / 'training_states' / '4.state'))
+    assert int(final['kd_adaptive_weights']['count']) == 4  # continued from 2, not restarted

@@ -1,10 +1,12 @@
 """The shipped option files: they parse safely, validate, and say what the paper's tables say."""
+import copy
 import glob
 import os
 
 import pytest
 
 from conftest import REPO
+from dtkd_compat import MissingFileError
 from dtkd_model.options import validate_options
 from dtkd_utils.options import load_yaml
 
@@ -30,6 +32,9 @@ EXPECTED = {
     'train_schedule_linear1.yml': ('DWTKDLoss', 2, [1, 2, 1], 'linear', 1.0),
     'train_schedule_linear3.yml': ('DWTKDLoss', 2, [1, 2, 1], 'linear', 3.0),
     'train_augkd.yml': ('L1Loss', None, None, 'constant', 0.2),
+    'train_dwt_confidence.yml': ('ConfidenceDWTKDLoss', 2, [1, 2, 1], 'linear', 2.0),
+    'train_dwt_adaptive.yml': ('DWTKDLoss', 2, {'type': 'adaptive', 'base': [1, 2, 1], 'alpha': 1.0, 'momentum': 0.99,
+                                                'low': 0.25, 'high': 4.0}, 'linear', 2.0),
 }
 
 
@@ -45,6 +50,11 @@ def test_training_option_file(path):
     from dtkd_model.kd_schedule import KDWeightSchedule
 
     opt = load_yaml(path)
+    if 'teacher' in opt:  # an online teacher: its weights are checked with the options
+        official = copy.deepcopy(opt)
+        with pytest.raises(MissingFileError, match='resshift_realsrx4_s15_v1.pth'):
+            validate_options(official, is_train=True)
+        opt['teacher']['opt'] = 'options/demo/resshift_demo_x4.yml'  # committed weights
     validate_options(opt, is_train=True)
     assert opt['model_type'] == ('AugKDModel' if 'augkd' in path else 'DTKDModel')
     assert opt['network_g']['embed_dim'] == 60 and opt['network_g']['depths'] == [6, 6, 6, 6]
