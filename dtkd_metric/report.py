@@ -6,6 +6,7 @@ deviation. :class:`ResultsRecorder` writes one run's numbers; :func:`aggregate_s
 several runs (``scripts/aggregate_runs.py``).
 """
 import csv
+import hashlib
 import io
 import json
 import math
@@ -67,18 +68,23 @@ class ResultsRecorder:
         better: optional ``{metric: 'higher' | 'lower'}`` for metrics not known by name (as the
             ``better`` key of ``val.metrics``).
 
+        protocol: ``{'metrics': {name: variant}, 'versions': {...}}`` (see :func:`metric_protocol`); the
+            data sets' image counts and file-list fingerprints are added from the records.
+
     Files written by :meth:`write`:
-        ``summary.json``: ``{dataset: {metric: mean over images}}``;
+        ``summary.json``: ``{'results': {dataset: {metric: mean over images}}, 'labels': {model, kd_loss,
+        better}, 'protocol': {metrics, versions, datasets}}`` (read back by :func:`load_summary` and
+        :func:`load_labels`);
         ``<dataset>_metrics.csv``: one row per image (``image`` then the metrics);
-        ``summary.md``: ``Dataset | Model | KD loss | PSNR↑ | ...``, one row per dataset;
-        ``run.json``: the labels (``model``, ``kd_loss``, ``better``), read back by :func:`load_labels`.
+        ``summary.md``: ``Dataset | Model | KD loss | PSNR↑ | ...``, one row per dataset, then the protocol.
     """
 
-    def __init__(self, results_root, model_label=None, kd_label=None, better=None):
+    def __init__(self, results_root, model_label=None, kd_label=None, better=None, protocol=None):
         self.results_root = str(results_root)
         self.model_label = model_label
         self.kd_label = kd_label
         self.better = dict(better or {})
+        self.protocol = dict(protocol or {})
         self._records = {}  # dataset -> {image: {metric: value}}
 
     def add(self, dataset_name, image_name, metrics):
@@ -115,6 +121,15 @@ class ResultsRecorder:
             out[dataset] = {n: math.fsum(v[n] for v in images.values()) / len(images) for n in names}
         return out
 
+    def full_protocol(self):
+        """The protocol given at construction plus, per data set, its image count and a fingerprint
+        (SHA-256 of its sorted image names, first 16 hex digits)."""
+        datasets = {}
+        for dataset, images in self._records.items():
+            digest = hashlib.sha256('\n'.join(sorted(images)).encode('utf-8')).hexdigest()[:16]
+            datasets[dataset] = {'images': len(images), 'fingerprint': digest}
+        return {**self.protocol, 'datasets': datasets}
+
     def csv_text(self, dataset_name):
         images = self._records[dataset_name]
         names = order_metrics(next(iter(images.values())))
@@ -134,7 +149,8 @@ class ResultsRecorder:
             cells = [f'{metrics[n]:.{metric_decimals(n)}f}' if n in metrics else '-' for n in names]
             rows.append([dataset, self.model_label or '-', self.kd_label or '-'] + cells)
         counts = ', '.join(f'{d}: {len(i)}' for d, i in self._records.items())
-        return _markdown_table(header, rows) + f'\nMean over images ({counts}).\n'
+        return (_markdown_table(header, rows) + f'\nMean over images ({counts}).\n\n'
+                + protocol_markdown(self.full_protocol()))
 
     def write(self):
         """Write the summary files (each atomically). Returns ``{'json': path, 'markdown': path, 'csv': {...}}``."""
@@ -146,27 +162,53 @@ class ResultsRecorder:
             atomic_write(path, self.csv_text(dataset))
             paths['csv'][dataset] = path
         paths['json'] = os.path.join(self.results_root, 'summary.json')
-        atomic_write(paths['json'], json.dumps(self.summary(), indent=2) + '\n')
+        payload = {'results': self.summary(),
+                   'labels': {'model': self.model_label, 'kd_loss': self.kd_label, 'better': self.better},
+                   'protocol': self.full_protocol()}
+        atomic_write(paths['json'], json.dumps(payload, indent=2) + '\n')
         paths['markdown'] = os.path.join(self.results_root, 'summary.md')
         atomic_write(paths['markdown'], self.markdown())
-        labels = {'model': self.model_label, 'kd_loss': self.kd_label, 'better': self.better}
-        atomic_write(os.path.join(self.results_root, 'run.json'), json.dumps(labels, indent=2) + '\n')
         return paths
 
 
-def load_labels(path):
-    """The ``run.json`` labels beside a ``summary.json`` (or in its folder); {} when there are none."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    try:
-        with open(os.path.join(folder, 'run.json'), encoding='utf-8') as f:
-            labels = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return labels if isinstance(labels, dict) else {}
+def metric_protocol(metrics_opt):
+    """The evaluation protocol of ``val.metrics``: each metric's exact variant (its options: colour space,
+    border crop, ...; for pyiqa metrics the pyiqa metric and weight files) and the library versions."""
+    from importlib import metadata
+
+    from dtkd_metric.weights import metric_weight_files
+
+    metrics = {}
+    for name, mopt in (metrics_opt or {}).items():
+        variant = {k: v for k, v in mopt.items() if k not in ('optional', 'better')}
+        if mopt.get('test_y_channel'):
+            # BasicSR's to_y_channel: BT.601 Y of [0, 255] floats, not rounded to integers
+            variant['y_channel'] = 'BT.601 Y, not rounded (BasicSR to_y_channel)'
+        files = metric_weight_files(name, mopt)
+        if files:
+            variant['weights'] = files
+        metrics[name] = variant
+    versions = {}
+    for package in ('torch', 'basicsr', 'pyiqa'):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {'metrics': metrics, 'versions': versions}
 
 
-def load_summary(path):
-    """Read a ``summary.json`` (or the folder holding one) and check its shape."""
+def protocol_markdown(protocol):
+    lines = ['Protocol:']
+    for name, variant in protocol.get('metrics', {}).items():
+        lines.append(f'- {name}: ' + ', '.join(f'{k}={v}' for k, v in variant.items()))
+    if protocol.get('versions'):
+        lines.append('- versions: ' + ', '.join(f'{k} {v}' for k, v in protocol['versions'].items()))
+    for dataset, info in protocol.get('datasets', {}).items():
+        lines.append(f'- {dataset}: {info["images"]} images, file list {info["fingerprint"]}')
+    return '\n'.join(lines) + '\n'
+
+
+def _read_summary_file(path):
     if os.path.isdir(path):
         path = os.path.join(path, 'summary.json')
     if not os.path.isfile(path):
@@ -176,12 +218,61 @@ def load_summary(path):
             data = json.load(f)
         except json.JSONDecodeError as error:
             raise ValueError(f'{path} is not valid JSON: {error}') from None
-    ok = isinstance(data, dict) and data and all(
+    if not isinstance(data, dict) or not isinstance(data.get('results'), dict):
+        raise ValueError(f'{path}: expected {{"results": {{dataset: {{metric: number}}}}, ...}} as written by '
+                         'ResultsRecorder')
+    return path, data
+
+
+def load_labels(path):
+    """The labels (``model``, ``kd_loss``, ``better``) a ``summary.json`` (or its folder) records; {} if none."""
+    try:
+        _, data = _read_summary_file(path)
+    except (OSError, ValueError):
+        return {}
+    labels = data.get('labels')
+    return labels if isinstance(labels, dict) else {}
+
+
+def load_protocol(path):
+    """The evaluation protocol a ``summary.json`` (or its folder) records ({} if none)."""
+    _, data = _read_summary_file(path)
+    protocol = data.get('protocol')
+    return protocol if isinstance(protocol, dict) else {}
+
+
+def protocol_differences(protocols):
+    """Fields (dotted paths) in which the ``{run: protocol}`` differ from the first run's."""
+    def flatten(tree, prefix=''):
+        if isinstance(tree, dict):
+            out = {}
+            for key, value in tree.items():
+                out.update(flatten(value, f'{prefix}{key}.'))
+            return out
+        return {prefix[:-1]: json.dumps(tree, sort_keys=True)}
+
+    labels = list(protocols)
+    first = flatten(protocols[labels[0]])
+    problems = []
+    for label in labels[1:]:
+        other = flatten(protocols[label])
+        for key in sorted(set(first) | set(other)):
+            if first.get(key) != other.get(key):
+                problems.append(f'{label}: protocol field {key} is {other.get(key, "absent")}, '
+                                f'{labels[0]} has {first.get(key, "absent")}')
+    return problems
+
+
+def load_summary(path):
+    """Read a ``summary.json`` (or the folder holding one): its ``{dataset: {metric: number}}`` results."""
+    path, data = _read_summary_file(path)
+    results = data['results']
+    ok = results and all(
         isinstance(m, dict) and m and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in m.values())
-        for m in data.values())
+        for m in results.values())
     if not ok:
-        raise ValueError(f'{path}: expected {{dataset: {{metric: number}}}} as written by ResultsRecorder')
-    return data
+        raise ValueError(f'{path}: expected results {{dataset: {{metric: number}}}} as written by ResultsRecorder')
+    return results
 
 
 def aggregate_summaries(summaries):

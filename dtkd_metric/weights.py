@@ -159,6 +159,12 @@ def missing_weights_message(problems):
     return '\n'.join(lines)
 
 
+def metric_weight_files(metric_name, metric_opt):
+    """The weight files a metric uses, by released name (their SHA-256 prefix is in the name), for the
+    evaluation protocol; [] for metrics without weights."""
+    return [weight.name for weight in METRIC_WEIGHTS.get((metric_opt or {}).get('type'), ())]
+
+
 def metric_weight_problems(metric_name, metric_opt):
     """One message per weight file that ``metric_opt`` needs and that is not on disk."""
     problems = []

@@ -382,13 +382,15 @@ class DTKDModel(SafeTrainingMixin, SRModel):
     def _results_recorder(self):
         """One recorder per test run, shared by all its datasets (summary files list every dataset)."""
         if getattr(self, '_recorder', None) is None:
-            from dtkd_metric.report import ResultsRecorder
+            from dtkd_metric.report import ResultsRecorder, metric_protocol
 
             val_opt = self.opt['val']
-            better = {name: mopt.get('better') for name, mopt in (val_opt.get('metrics') or {}).items()}
+            metrics = val_opt.get('metrics') or {}
+            better = {name: mopt.get('better') for name, mopt in metrics.items()}
             self._recorder = ResultsRecorder(self.opt['path']['results_root'],
                                              model_label=val_opt.get('model_label', self.opt['name']),
-                                             kd_label=val_opt.get('kd_label', self._kd_label()), better=better)
+                                             kd_label=val_opt.get('kd_label', self._kd_label()), better=better,
+                                             protocol=metric_protocol(metrics))
         return self._recorder
 
     def _kd_label(self):

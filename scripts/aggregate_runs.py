@@ -7,7 +7,9 @@ The standard deviation is the sample one (ddof=1, divisor n - 1). Example::
 
 writes ``aggregate.json`` and ``aggregate.md`` into ``--out`` (default: ``aggregate/`` in the runs'
 common folder, here ``results/aggregate``). The Model and KD loss columns come from the runs' own
-labels (``run.json``, written by ``dtkd-test``) when the runs agree; ``--model`` / ``--kd`` override them.
+labels (recorded in their ``summary.json`` by ``dtkd-test``) when the runs agree; ``--model`` / ``--kd``
+override them. Runs evaluated under different protocols (metric variants, library versions, data sets:
+see ``summary.json``'s ``protocol``) are refused, naming the field.
 """
 import argparse
 import os
@@ -15,7 +17,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dtkd_metric.report import aggregate_summaries, load_labels, load_summary, write_aggregate  # noqa: E402
+from dtkd_metric.report import (  # noqa: E402
+    aggregate_summaries,
+    load_labels,
+    load_protocol,
+    load_summary,
+    protocol_differences,
+    write_aggregate,
+)
 
 
 def common_label(runs, key):
@@ -39,6 +48,9 @@ def main(argv=None):
             if run in summaries:
                 raise ValueError(f'run given twice: {run}')
             summaries[run] = load_summary(run)
+        problems = protocol_differences({run: load_protocol(run) for run in args.runs})
+        if problems:
+            raise ValueError('the runs were evaluated under different protocols:\n  ' + '\n  '.join(problems))
         aggregate = aggregate_summaries(summaries)
         out = args.out or os.path.join(os.path.commonpath([os.path.abspath(r) for r in args.runs]), 'aggregate')
         out_json = os.path.join(out, 'aggregate.json')

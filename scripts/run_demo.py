@@ -388,7 +388,7 @@ def main(argv=None):
                 raise OptionError(f'evaluation {run_name} finished without writing {summary}')
             stages.done(f'eval_{run_name}', key, time.time() - t0, False)
         with open(summary, encoding='utf-8') as f:
-            summaries[run_name] = json.load(f)['demo_test']
+            summaries[run_name] = json.load(f)['results']['demo_test']
 
     # ------------------------------------------------------------------ 5. figures and report
     header('5/5 Figures and results/demo/report.md')

@@ -46,7 +46,7 @@ def check_report(work):
     assert set(rows) == set(RUNS), rows
     for label, run in RUNS.items():
         res = os.path.join(work, 'results', run)
-        summary = json.load(open(os.path.join(res, 'summary.json')))['demo_test']
+        summary = json.load(open(os.path.join(res, 'summary.json')))['results']['demo_test']
         assert {'psnr', 'ssim'} <= set(summary)  # NIQE needs larger images than the tiny preset's
         per_image = open(os.path.join(res, 'demo_test_metrics.csv')).read().splitlines()
         assert per_image[0].startswith('image,') and per_image[1].startswith('coffee,')

@@ -228,7 +228,7 @@ def saved_options(work, name, file_name):
 
 def summary(work, run):
     with open(os.path.join(work, 'results', run, 'summary.json'), encoding='utf-8') as f:
-        return json.load(f)
+        return json.load(f)['results']
 
 
 def image_shape(path):

@@ -38,7 +38,10 @@ def test_summary_csv_and_table(tmp_path):
     rec = ResultsRecorder(tmp_path / 'run', model_label='Student', kd_label='DWT')
     values = _fill(rec)
     paths = rec.write()
-    summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
+    payload = json.loads((tmp_path / 'run' / 'summary.json').read_text())
+    summary = payload['results']
+    assert payload['labels'] == {'model': 'Student', 'kd_loss': 'DWT', 'better': {}}
+    assert payload['protocol']['datasets']['RealSR']['images'] == len(values['RealSR'])
     assert list(summary) == ['RealSR', 'ImageNet-Test']
     for dataset, images in values.items():
         assert list(summary[dataset]) == ['psnr', 'lpips', 'musiq']
@@ -97,7 +100,7 @@ def test_write_without_results_and_atomic_replace(tmp_path, monkeypatch):
     with pytest.raises(OSError, match='disk full'):
         rec2.write()
     assert (tmp_path / 'summary.json').read_text() == before  # the old complete file is intact
-    assert sorted(os.listdir(tmp_path)) == ['RealSR_metrics.csv', 'run.json', 'summary.json', 'summary.md']
+    assert sorted(os.listdir(tmp_path)) == ['RealSR_metrics.csv', 'summary.json', 'summary.md']
 
 
 def _three_runs(tmp_path):
@@ -156,3 +159,29 @@ def test_aggregate_refuses_mismatched_runs(tmp_path, capsys):
         aggregate_summaries({runs[0]: load_summary(runs[0])})
     assert script.main([str(tmp_path / 'missing'), runs[0], '--out', str(tmp_path / 'agg')]) == 2
     assert 'no summary file' in capsys.readouterr().err
+
+
+def test_aggregate_refuses_runs_under_different_protocols(tmp_path, capsys):
+    runs = []
+    for seed, crop in ((0, 0), (1, 4)):
+        rec = ResultsRecorder(tmp_path / f'seed{seed}', protocol={'metrics': {'psnr': {'crop_border': crop}}})
+        _fill(rec, offset=0.1 * seed)
+        rec.write()
+        runs.append(str(tmp_path / f'seed{seed}'))
+    md = (tmp_path / 'seed1' / 'summary.md').read_text()
+    assert 'Protocol:' in md and 'crop_border=4' in md and 'file list' in md
+    script = _load_script('aggregate_runs')
+    assert script.main(runs) == 2
+    err = capsys.readouterr().err
+    assert 'different protocols' in err and 'protocol field metrics.psnr.crop_border is 4' in err
+
+
+def test_the_protocol_names_the_metric_variants_and_versions():
+    from dtkd_metric.report import metric_protocol
+
+    protocol = metric_protocol({'psnr': {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': True},
+                                'lpips': {'type': 'calculate_lpips', 'better': 'lower'}})
+    assert protocol['metrics']['psnr'] == {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': True,
+                                           'y_channel': 'BT.601 Y, not rounded (BasicSR to_y_channel)'}
+    assert protocol['metrics']['lpips']['weights'] == ['LPIPS_v0.1_alex-df73285e.pth', 'alexnet-owt-7be5be79.pth']
+    assert set(protocol['versions']) == {'torch', 'basicsr', 'pyiqa'} and protocol['versions']['basicsr'] == '1.4.2'

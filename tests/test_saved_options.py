@@ -33,7 +33,10 @@ def test_saved_options_are_the_effective_ones_and_test_reproduces(tiny_pairs, tm
         summary = tmp_path / 'results' / 'saved' / 'summary.json'
         assert str(summary) in out  # the runner says where the summary went
         summaries.append(json.loads(summary.read_text()))
-    assert summaries[0] == summaries[1] and summaries[0]['tinyval']['psnr'] > 0
+    assert summaries[0] == summaries[1] and summaries[0]['results']['tinyval']['psnr'] > 0
+    protocol = summaries[0]['protocol']
+    assert protocol['datasets']['tinyval']['images'] == 1 and protocol['versions']['basicsr'] == '1.4.2'
+    assert protocol['metrics']['psnr']['crop_border'] == 4 and 'not rounded' in protocol['metrics']['psnr']['y_channel']
 
 
 def test_testing_a_training_file_without_a_checkpoint_names_where_it_looked(tiny_pairs, tmp_path):

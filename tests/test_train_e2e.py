@@ -110,7 +110,7 @@ def test_dtkd_test_runner_on_the_trained_student(trained, tiny_pairs):
     res = work / 'results' / 'tiny_eval'
     assert (res / 'visualization' / 'tinyval' / 'chelsea_tiny_eval.png').is_file()
     summary = json.loads((res / 'summary.json').read_text())
-    assert 0 < summary['tinyval']['psnr'] < 100
+    assert 0 < summary['results']['tinyval']['psnr'] < 100
 
 
 def test_option_errors_name_the_key(tiny_pairs, tmp_path):
@@ -183,4 +183,4 @@ def test_missing_metric_weights_stop_before_evaluating(trained, tiny_pairs, tmp_
     assert_ok(proc)
     assert 'Skipping optional metric "lpips"' in proc.stderr
     summary = json.loads((tmp_path / 'results' / 'optional_lpips' / 'summary.json').read_text())
-    assert set(summary['tinyval']) == {'psnr'}
+    assert set(summary['results']['tinyval']) == {'psnr'}
