@@ -7,12 +7,16 @@ BasicSR LMDB (``data.mdb`` + ``meta_info.txt``, keys = GT keys).
 Guarantees:
 
 * Deterministic per key: the sampler's random draws come from a CPU ``torch.Generator`` seeded from
-  ``sha256(f'{seed}:{key}')``, and every image is sampled on its own (``ResShiftTeacher.sample``
-  draws one noise tensor for the whole batch from one generator, so stacking images would make an
-  image's output depend on its batch-mates). A resumed, re-batched or sharded run therefore writes
-  the same bytes as one uninterrupted run on the same hardware and thread count.
+  ``sha256(f'{seed}:{key}')``. ``batch_size`` N samples up to N consecutive images of equal LQ size
+  in one batched ``ResShiftTeacher.sample`` call (one network call per step for the group; a
+  different size starts a new group), with one generator per image (a list), each drawing its
+  image's noise in the order of a batch of one. The random numbers therefore do not depend on
+  batching, interruptions or sharding; only the float arithmetic of a batched network call may
+  differ in the last bits from a batch of one, which moves a few 8-bit values by one grey level.
+  With ``batch_size`` 1 a resumed or sharded run writes the same bytes as one uninterrupted run on
+  the same hardware and thread count.
 * Crash-safe and resumable: a folder entry is written to a hidden temporary file and renamed into
-  place; an LMDB entry is committed in its own transaction (or with its ``batch_size`` group). The
+  place; an LMDB entry is committed in one transaction with the rest of its sampling group. The
   LMDB's ``meta_info.txt`` is not kept during the run: it is rebuilt from the committed PNG entries
   (their size is read from the PNG header by :func:`dtkd_data.image_io.png_info`) and written
   atomically at the end, so an interrupted LMDB never looks complete to
@@ -449,7 +453,10 @@ def generate_teacher_outputs(teacher_opt, input_path, output_path, gt_path=None,
         gt_path (str | None): GT folder or ``.lmdb`` giving the keys (LQ name = ``filename_tmpl`` of key).
         seed (int): base seed; image ``key`` uses :func:`key_seed` (key, seed).
         steps, precision, device: overrides of the teacher's ``sampler`` block (None keeps the file's).
-        batch_size (int): images per output transaction / progress update (sampling is per image).
+        batch_size (int): up to this many consecutive images of equal LQ size are sampled in one batched
+            call (one network call per step) and committed in one transaction; a different LQ size
+            starts a new group. The noise of every image comes from its own generator, so only the
+            last bits of the float arithmetic depend on it.
         overwrite (bool): delete an output made with other settings instead of refusing.
         rank, world_size (int): this process's shard: keys ``[rank::world_size]``.
         barrier (callable | None): synchronises ranks (``torch.distributed.barrier``); required if world_size > 1.
@@ -510,30 +517,41 @@ def generate_teacher_outputs(teacher_opt, input_path, output_path, gt_path=None,
     return stats
 
 
+def group_jobs(jobs, batch_size):
+    """Consecutive jobs in groups of at most ``batch_size`` with equal LQ size (a job of another size
+    starts a new group), in order: each group is one batched ``teacher.sample`` call."""
+    groups = []
+    for job in jobs:
+        if groups and len(groups[-1]) < batch_size and tuple(groups[-1][0].lq_hw) == tuple(job.lq_hw):
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
 def _run(teacher, todo, lq_source, output, seed, batch_size, stats, show, desc):
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit='img', desc=desc, disable=not show, dynamic_ncols=True)
-    pending = []
     try:
-        for job in todo:
-            img = lq_source.read(job.lq_key)
-            if img.shape[:2] != tuple(job.lq_hw):
-                raise OptionError(f'--input: {lq_source.describe(job.lq_key)} decodes to '
-                                        f'{img.shape[0]}x{img.shape[1]}, its header said {job.lq_hw}')
-            lq = bgr_to_tensor(img)
-            sr = teacher.sample(lq, generator=key_generator(job.key, seed))[0]
-            if tuple(sr.shape[-2:]) != tuple(job.out_hw):
-                raise RuntimeError(f'teacher output for {job.key} is {tuple(sr.shape[-2:])}, expected {job.out_hw}')
-            png, _ = encode_png(tensor_to_bgr_uint8(sr), PNG_LEVEL)
-            pending.append((job.key, png))
-            if len(pending) >= batch_size:
-                output.put_many(pending)
-                stats['written'] += len(pending)
-                bar.update(len(pending))
-                pending = []
-        if pending:
-            output.put_many(pending)
+        for group in group_jobs(todo, batch_size):
+            lqs = []
+            for job in group:
+                img = lq_source.read(job.lq_key)
+                if img.shape[:2] != tuple(job.lq_hw):
+                    raise OptionError(f'--input: {lq_source.describe(job.lq_key)} decodes to '
+                                            f'{img.shape[0]}x{img.shape[1]}, its header said {job.lq_hw}')
+                lqs.append(bgr_to_tensor(img))
+            # one network call per step for the whole group; each image draws from its own generator
+            srs = teacher.sample(torch.cat(lqs), generator=[key_generator(job.key, seed) for job in group])
+            pending = []
+            for job, sr in zip(group, srs):
+                if tuple(sr.shape[-2:]) != tuple(job.out_hw):
+                    raise RuntimeError(f'teacher output for {job.key} is {tuple(sr.shape[-2:])}, '
+                                       f'expected {job.out_hw}')
+                png, _ = encode_png(tensor_to_bgr_uint8(sr), PNG_LEVEL)
+                pending.append((job.key, png))
+            output.put_many(pending)  # one transaction per group
             stats['written'] += len(pending)
             bar.update(len(pending))
     finally:

@@ -12,7 +12,8 @@ This module holds only the process (schedule, ``q_sample``, posterior, ``p_sampl
 networks are passed in. Every formula follows the official ``models/gaussian_diffusion.py``,
 ``models/respace.py`` and ``models/script_util.py``; the random draws follow the official
 ``p_sample_loop`` order (prior noise, then one noise tensor per step, the last one masked), so with
-the same seed the results are the same.
+the same seed the results are the same. A list of generators, one per batch element, gives each
+element its own stream in that order, so a batch gives each image what it would get alone.
 """
 import math
 
@@ -91,15 +92,43 @@ def space_timesteps(num_timesteps, sample_steps):
     return sorted({int((num_timesteps / sample_steps) * x) for x in range(sample_steps)})
 
 
+def _is_generator_list(generator):
+    return isinstance(generator, (list, tuple))
+
+
+def check_generators(generator, batch, where='sample'):
+    """Check a ``generator`` argument for a batch of ``batch``: None, one ``torch.Generator``, or a
+    list/tuple of exactly ``batch`` generators (one per batch element). Returns it unchanged."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if not _is_generator_list(generator):
+        raise TypeError(f'{where}: generator must be None, a torch.Generator or a list of them, '
+                        f'got {type(generator).__name__}')
+    if len(generator) != batch:
+        raise ValueError(f'{where}: {len(generator)} generators for a batch of {batch} (one per image)')
+    bad = [type(g).__name__ for g in generator if not isinstance(g, torch.Generator)]
+    if bad:
+        raise TypeError(f'{where}: every element of the generator list must be a torch.Generator, got {bad[0]}')
+    return generator
+
+
 def _draw_noise(shape, like, generator):
     """Standard normal noise of ``shape`` with ``like``'s dtype/device.
 
     Without a generator this is ``torch.randn_like`` on the global RNG (the official draws). A
     generator living on another device draws there and the result is moved, so a CPU generator
-    gives the same noise on every device.
+    gives the same noise on every device. A list of generators (one per batch element) draws element
+    i's ``shape[1:]`` noise from generator i, in list order: element i gets exactly the noise a batch
+    of one would get from that generator, whatever its batch-mates.
     """
     if generator is None:
         return torch.randn(shape, dtype=like.dtype, device=like.device)
+    if _is_generator_list(generator):
+        check_generators(generator, shape[0], '_draw_noise')
+        parts = [torch.randn((1, *shape[1:]), generator=g, dtype=like.dtype, device=g.device) for g in generator]
+        if len({p.device for p in parts}) > 1:
+            parts = [p.to(like.device) for p in parts]
+        return torch.cat(parts).to(like.device)  # one host-to-device copy for CPU generators
     noise = torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device)
     return noise.to(like.device)
 
@@ -332,6 +361,8 @@ class ResShiftDiffusion:
 
         The noise is drawn after the network call (official order) unless given; it is drawn but
         masked where t == 0, as in the official code, so the random stream stays aligned.
+        ``generator``: None (global RNG), one ``torch.Generator`` for the whole batch, or a list with
+        one generator per batch element (see :meth:`sample_latent`).
         """
         out = self.p_mean_variance(model, x_t, y, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         if noise is None:
@@ -349,11 +380,16 @@ class ResShiftDiffusion:
         Args:
             model (callable): network, ``model(x, timesteps, **model_kwargs)``.
             z_y (Tensor): (B, C, h, w) latent of the up-sampled LR image.
-            generator (torch.Generator | None): None uses the global RNG (as the official code).
+            generator (torch.Generator | list | None): None uses the global RNG (as the official code);
+                one generator draws each noise tensor for the whole batch at once; a list of B
+                generators gives batch element i its own stream (prior noise, then one draw per
+                step, each of shape ``z_y.shape[1:]``), so element i's result is that of a batch of
+                one sampled with generator i, up to the float arithmetic of the batched network call.
             callback (callable | None): called as ``callback(step_index, out_dict)`` after each step.
         Returns:
             Tensor: (B, C, h, w) final latent x_0.
         """
+        check_generators(generator, z_y.shape[0], 'sample_latent')
         x = self.prior_sample(z_y, _draw_noise(z_y.shape, z_y, generator))
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((z_y.shape[0],), i, device=z_y.device, dtype=torch.long)
@@ -388,6 +424,7 @@ class ResShiftDiffusion:
         """LR image ``y`` (B, 3, h, w) in [-1, 1] -> sample (B, 3, h*sf, w*sf), not clamped.
 
         ``clip_denoised`` defaults to the official choice: clip x_0 to [-1, 1] only in pixel space.
+        ``generator``: None, one generator, or one per batch element (see :meth:`sample_latent`).
         """
         if clip_denoised is None:
             clip_denoised = autoencoder is None

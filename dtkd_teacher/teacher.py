@@ -18,7 +18,10 @@ the 15-step real-SR model ``resshift_realsrx4_s15_v1.pth`` with the VQ-f4 autoen
 
 The random draws follow the official order (per patch: prior noise, then one per step). Without a
 ``generator`` the global RNG is used, so ``torch.manual_seed(s)`` before :meth:`sample` reproduces
-the official sampler seeded with ``s``.
+the official sampler seeded with ``s``. One generator draws each noise tensor for the whole batch; a
+list of generators, one per image, gives every image its own stream in that order (also through the
+patches of a chopped image), so a batch of images gives each one what it would get alone, in one
+network call per step.
 """
 import copy
 import os
@@ -30,7 +33,7 @@ from torch import nn
 import dtkd_compat  # noqa: F401  (must precede basicsr)
 from dtkd_arch.tiling import pad_to_multiple
 from dtkd_compat import MissingFileError, OptionError
-from dtkd_teacher.diffusion import DIFFUSION_DEFAULTS, ResShiftDiffusion
+from dtkd_teacher.diffusion import DIFFUSION_DEFAULTS, ResShiftDiffusion, check_generators
 from dtkd_utils.device import PRECISIONS, autocast, check_precision, pick_device
 from dtkd_utils.options import load_yaml
 
@@ -311,8 +314,13 @@ class ResShiftTeacher(nn.Module):
 
         Args:
             lq (Tensor): (B, 3, H, W) RGB in [0, 1] (any float dtype/device; moved to the teacher's device).
-            generator (torch.Generator | None): random source; None uses the global RNG (then
-                ``torch.manual_seed(s)`` before the call reproduces the official sampler with seed s).
+            generator (torch.Generator | list | None): random source; None uses the global RNG (then
+                ``torch.manual_seed(s)`` before the call reproduces the official sampler with seed s);
+                one generator draws each noise tensor for the whole batch; a list of B generators (any
+                device; CPU ones give the same noise everywhere) gives image i its own stream, drawn
+                in the order a batch of one draws it (per patch when chopped: prior noise, then one
+                per step), so ``sample(lq, [g0, g1])`` equals ``cat(sample(lq[:1], g0),
+                sample(lq[1:], g1))`` up to the float arithmetic of the batched network calls.
 
         Returns:
             Tensor: (B, 3, sf*H, sf*W) float32 RGB in [0, 1], on the teacher's (the UNet's) device.
@@ -332,9 +340,12 @@ class ResShiftTeacher(nn.Module):
         self._check_precision(self.precision, self.device)
         y = (lq.to(self.device, torch.float32) - 0.5) / 0.5
         b, _, h, w = y.shape
+        check_generators(generator, b, 'ResShiftTeacher.sample')
         sf = self.diffusion.sf
         if h > self.chop_size or w > self.chop_size:
-            # equal-weight average of overlapping patch results, as the official ImageSpliterTh
+            # equal-weight average of overlapping patch results, as the official ImageSpliterTh; the
+            # patches are sampled one after another, so per-image generators draw patch by patch in
+            # the order of a batch of one
             acc = torch.zeros(b, 3, h * sf, w * sf, device=self.device)
             count = torch.zeros(1, 1, h * sf, w * sf, device=self.device)
             for hs in self._starts(h):

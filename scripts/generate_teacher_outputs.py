@@ -12,8 +12,9 @@ LQ image under the GT's key: set it as ``dataroot_teacher`` of ``PairedTeacherDa
     torchrun --nproc_per_node=8 scripts/generate_teacher_outputs.py -opt ... --input ... --output ...
 
 Rerunning the same command resumes (finished keys are skipped); a killed run leaves no partial
-entry. Every image is sampled with its own generator seeded from (--seed, key), so the bytes do not
-depend on interruptions, sharding or --batch-size. See ``dtkd_teacher/cache.py``. LQ images are read
+entry. Every image draws its noise from its own generator seeded from (--seed, key), so the results
+do not depend on interruptions, sharding or --batch-size (a batched network call may only move a few
+pixels by one grey level). See ``dtkd_teacher/cache.py``. LQ images are read
 as ``PairedTeacherDataset`` reads them (``dtkd_data.image_io.read_training_image``).
 """
 import argparse
@@ -42,8 +43,9 @@ def parse_args(argv=None):
     parser.add_argument('--filename-tmpl', default='{}',
                         help="LQ name of GT key k, e.g. '{}x4' (as PairedImageDataset's filename_tmpl)")
     parser.add_argument('--batch-size', type=int, default=1,
-                        help='images per output transaction; the teacher still samples one image at a time, '
-                        'with its own generator, so the bytes do not depend on this')
+                        help='sample up to this many consecutive LQ images of equal size in one batched '
+                        'network call (and one write transaction); every image keeps its own generator, so '
+                        'results do not depend on this (up to one grey level on a few pixels)')
     parser.add_argument('--precision', choices=('fp32', 'bf16', 'fp16'), default=None,
                         help="override sampler.precision (fp16: CUDA only)")
     parser.add_argument('--steps', type=int, default=None, help='override sampler.steps (e.g. 1)')

@@ -204,6 +204,54 @@ def test_generator_matches_global_seed_and_is_deterministic():
     assert not torch.allclose(b, e)
 
 
+@pytest.mark.parametrize('steps', [15, 4, 1])
+def test_generator_list_gives_each_element_its_own_stream(steps):
+    # one generator per batch element: element i draws prior noise, then one tensor per step, each of
+    # the element's shape, from generator i; the batch equals the elements sampled on their own
+    d = ResShiftDiffusion.from_options(REALSR, sample_steps=None if steps == 15 else steps)
+    g = torch.Generator().manual_seed(3)
+    z_y = torch.randn(3, 3, 5, 6, generator=g)
+    lq = torch.randn(3, 3, 5, 6, generator=g)
+    seeds = (21, 22, 23)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    model = StubModel()
+    got = d.sample_latent(model, z_y, generator=gens, model_kwargs={'lq': lq})
+    assert len(model.seen) == steps and all(len(ts) == 3 for ts in model.seen)  # one call per step
+    # the closed-form loop with per-element draws in the official order
+    streams = [torch.Generator().manual_seed(s) for s in seeds]
+    draws = [torch.cat([torch.randn(1, 3, 5, 6, generator=s) for s in streams]) for _ in range(steps + 1)]
+    torch.testing.assert_close(got, _manual_loop(d, z_y, lq, draws, StubModel()), rtol=1e-5, atol=1e-5)
+    # each generator advanced by exactly steps + 1 draws of one element
+    for gen, s in zip(gens, streams):
+        assert torch.equal(gen.get_state(), s.get_state())
+    # element i alone with generator i (a single generator or a list of one: the same draws)
+    for i, s in enumerate(seeds):
+        alone = d.sample_latent(StubModel(), z_y[i:i + 1], generator=torch.Generator().manual_seed(s),
+                                model_kwargs={'lq': lq[i:i + 1]})
+        as_list = d.sample_latent(StubModel(), z_y[i:i + 1], generator=[torch.Generator().manual_seed(s)],
+                                  model_kwargs={'lq': lq[i:i + 1]})
+        assert torch.equal(alone, as_list)
+        torch.testing.assert_close(got[i:i + 1], alone, rtol=0, atol=1e-6)
+    # the pixel-space loop (bicubic x4 first) takes a list too
+    out = d.p_sample_loop(z_y[:2], StubModel(), generator=[torch.Generator().manual_seed(s) for s in seeds[:2]],
+                          model_kwargs={'lq': torch.zeros(2, 3, 20, 24)})
+    assert out.shape == (2, 3, 20, 24)
+
+
+def test_generator_list_must_match_the_batch():
+    d = ResShiftDiffusion.from_options(REALSR, sample_steps=2)
+    z_y = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(ValueError, match='3 generators for a batch of 2'):
+        d.sample_latent(StubModel(), z_y, generator=[torch.Generator() for _ in range(3)], model_kwargs={'lq': z_y})
+    with pytest.raises(TypeError, match='torch.Generator'):
+        d.sample_latent(StubModel(), z_y, generator=[torch.Generator(), 5], model_kwargs={'lq': z_y})
+    with pytest.raises(TypeError, match='generator must be'):
+        d.sample_latent(StubModel(), z_y, generator=5, model_kwargs={'lq': z_y})
+    t = torch.ones(2, dtype=torch.long)
+    with pytest.raises(ValueError, match='1 generators for a batch of 2'):
+        d.p_sample(StubModel(), z_y, z_y, t, generator=[torch.Generator()], model_kwargs={'lq': z_y})
+
+
 def test_pixel_space_loop_clips_x0():
     d = ResShiftDiffusion.from_options({**REALSR, 'sf': 2}, sample_steps=2)
     y = torch.rand(1, 3, 4, 4) * 2 - 1

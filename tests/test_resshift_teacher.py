@@ -137,6 +137,41 @@ def test_generator_determinism(ref, teacher):
     assert 0 <= float(a.min()) and float(a.max()) <= 1
 
 
+BATCH_TOL = 1e-4  # batched vs one-image network calls: float32 summation order only (measured ~5e-6)
+
+
+@pytest.mark.parametrize('steps, chop', [(None, False), (1, False), (4, True)])
+def test_generator_list_equals_per_image_calls(ref, tiny_opt, steps, chop):
+    # one generator per image: the batch gives every image what sample() gives it alone, also when the
+    # images are chopped (24x20 LR in 16x16 patches at stride 8: each generator draws patch by patch)
+    if chop:
+        t = ResShiftTeacher.from_options(tiny_opt, steps=steps, chop_size=16, chop_stride=8)
+        lq = torch.cat([ref['lq_big'], ref['lq_big'].flip(-1), ref['lq_big'].flip(-2)])
+    else:
+        t = ResShiftTeacher.from_options(tiny_opt, steps=steps)
+        lq = torch.cat([ref['lq_a'], ref['lq_a'][:1].flip(-1)])
+    seeds = (7, 8, 9)
+    batched = t.sample(lq, generator=[torch.Generator().manual_seed(s) for s in seeds])
+    alone = torch.cat([t.sample(lq[i:i + 1], generator=torch.Generator().manual_seed(s))
+                       for i, s in enumerate(seeds)])
+    assert batched.shape == alone.shape == (3, 3, 4 * lq.shape[2], 4 * lq.shape[3])
+    assert float((batched - alone).abs().max()) < BATCH_TOL
+    # a list of one generator is the single generator, bit for bit
+    one = t.sample(lq[1:2], generator=[torch.Generator().manual_seed(seeds[1])])
+    assert torch.equal(one, alone[1:2])
+    # unlike one shared generator, whose noise for image 0 depends on the batch
+    shared = t.sample(lq, generator=torch.Generator().manual_seed(seeds[0]))
+    assert float((shared[1] - alone[1]).abs().max()) > 1e-2
+
+
+def test_generator_list_must_match_the_batch(teacher):
+    lq = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match='1 generators for a batch of 2'):
+        teacher.sample(lq, generator=[torch.Generator()])
+    with pytest.raises(TypeError, match='torch.Generator'):
+        teacher.sample(lq, generator=[torch.Generator(), None])
+
+
 def test_chop_covers_every_pixel_once_per_patch(ref, tiny_opt):
     # chop_size/stride larger than the image side but smaller on the other: patches span the whole side
     t = ResShiftTeacher.from_options(tiny_opt, steps=1, chop_size=16, chop_stride=16)
