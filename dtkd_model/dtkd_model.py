@@ -65,6 +65,8 @@ class DTKDModel(SafeTrainingMixin, SRModel):
     def __init__(self, opt):
         self._check_options(opt)
         self.online_teacher = None
+        self._validated = set()  # (dataset, iteration) pairs validated in training
+        self._validation_counts = {}  # dataset -> validations logged
         super().__init__(opt)
 
     # ------------------------------------------------------------------ set-up
@@ -297,17 +299,16 @@ class DTKDModel(SafeTrainingMixin, SRModel):
         if self.opt['is_train']:
             total = int(self.opt['train']['total_iter'])
             current_iter = min(current_iter, total)
-            done = self.__dict__.setdefault('_validated', set())
             key = (dataloader.dataset.opt['name'], current_iter)
-            if key in done:
+            if key in self._validated:
                 get_root_logger().info(f'Validation {key[0]}: iteration {current_iter} was validated already')
                 return
-            done.add(key)
+            self._validated.add(key)
         super().validation(dataloader, current_iter, tb_logger, save_img)
 
     def _log_validation_metric_values(self, current_iter, dataset_name, tb_logger):
         """The metric values; the best value so far only once there is more than one validation to compare."""
-        counts = self.__dict__.setdefault('_validation_counts', {})
+        counts = self._validation_counts
         counts[dataset_name] = counts.get(dataset_name, 0) + 1
         lines = [f'Validation {dataset_name} @ iter {current_iter}']
         for metric, value in self.metric_results.items():

@@ -118,8 +118,9 @@ def check_checkpoints(path_or_dict):
         checkpoint_path(block.get('ckpt', _MISSING), name, what, default_ckpt)
 
 
-def _build_network(block, name, what, default_ckpt):
-    """Build ``block['type']`` from basicsr's ARCH_REGISTRY with the remaining keys and load ``ckpt``."""
+def _build_network(block, name, load=True):
+    """Build ``block['type']`` (``name``: 'unet' or 'autoencoder') from basicsr's ARCH_REGISTRY with the
+    remaining keys and load ``ckpt``; with ``load`` false the network keeps its initialisation."""
     from basicsr.utils import get_root_logger
     from basicsr.utils.registry import ARCH_REGISTRY
 
@@ -136,12 +137,13 @@ def _build_network(block, name, what, default_ckpt):
         cls = ARCH_REGISTRY.get(arch)
     except KeyError as err:
         raise OptionError(f'{name}.type: no architecture named {arch!r} is registered') from err
-    if not getattr(cls, 'needs_checkpoint', True) and params.get('ckpt') is None:
+    if not load or (not getattr(cls, 'needs_checkpoint', True) and params.get('ckpt') is None):
         params.pop('ckpt', None)
         try:
-            return cls(**params)  # a network without weights (e.g. SpaceToDepthAutoencoder)
+            return cls(**params)  # random weights, or a network without weights (e.g. SpaceToDepthAutoencoder)
         except (TypeError, ValueError) as err:
             raise OptionError(f'{name}: options do not fit {arch}: {err}') from err
+    what, default_ckpt = _CHECKPOINTS[name]
     path = checkpoint_path(params.pop('ckpt', None) if 'ckpt' in params else _MISSING, name, what, default_ckpt)
     try:
         net = cls(**params)
@@ -210,10 +212,11 @@ class ResShiftTeacher(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_options(cls, path_or_dict, **overrides):
+    def from_options(cls, path_or_dict, random_weights=False, **overrides):
         """Build from a YAML file or dict with blocks ``unet``, ``autoencoder``, ``diffusion`` and an
         optional ``sampler`` block; keyword ``overrides`` (``steps``, ``chop_size``, ``chop_stride``,
-        ``pad_multiple``, ``precision``, ``device``) replace ``sampler`` values.
+        ``pad_multiple``, ``precision``, ``device``) replace ``sampler`` values. With ``random_weights``
+        the networks keep their initialisation and the ``ckpt`` keys are not read.
 
         The files are read with ``yaml.safe_load`` (no code execution). Missing checkpoints raise
         FileNotFoundError naming the file, the option key and the download address.
@@ -246,11 +249,10 @@ class ResShiftTeacher(nn.Module):
             cond_lq = unet_block['cond_lq']
         else:
             cond_lq = None
-        unet = _build_network(unet_block, 'unet', 'ResShift UNet', 'resshift_realsrx4_s15_v1.pth')
+        unet = _build_network(unet_block, 'unet', load=not random_weights)
         autoencoder = None
         if opt['autoencoder'] is not None:
-            autoencoder = _build_network(opt['autoencoder'], 'autoencoder', 'ResShift VQ autoencoder',
-                                         'autoencoder_vq_f4.pth')
+            autoencoder = _build_network(opt['autoencoder'], 'autoencoder', load=not random_weights)
         pad_multiple = sampler['pad_multiple']
         if pad_multiple is None and isinstance(unet_block, dict):
             pad_multiple = unet_block.get('lq_size', 64)
@@ -371,31 +373,8 @@ def build_teacher(opt, random_weights=False, seed=0, **overrides):
     ``random_weights`` the networks keep their (seeded) initialisation and the ``ckpt`` keys are ignored
     (benchmarks without the release files).
     """
-    if not random_weights:
-        return ResShiftTeacher.from_options(opt, **overrides)
-    from basicsr.utils.registry import ARCH_REGISTRY
-
-    import dtkd_arch  # noqa: F401  (registers the architectures)
-
-    opt, _ = _load_options(opt)
-    torch.manual_seed(seed)
-    nets = {}
-    for block in ('unet', 'autoencoder'):
-        params = dict(opt.get(block) or {})
-        if not params:
-            nets[block] = None
-            continue
-        params.pop('ckpt', None)
-        arch = params.pop('type')
-        nets[block] = ARCH_REGISTRY.get(arch)(**params)
-    given = {k: v for k, v in overrides.items() if v is not None}
-    sampler = {**SAMPLER_DEFAULTS, **(opt.get('sampler') or {}), **given}
-    pad = sampler['pad_multiple']
-    if pad is None:
-        pad = opt['unet'].get('lq_size', 64)
-    return ResShiftTeacher(nets['unet'], nets['autoencoder'], opt['diffusion'], steps=sampler['steps'],
-                           chop_size=sampler['chop_size'], chop_stride=sampler['chop_stride'], pad_multiple=pad,
-                           precision=sampler['precision'], device=sampler['device'])
-
+    if random_weights:
+        torch.manual_seed(seed)
+    return ResShiftTeacher.from_options(opt, random_weights=random_weights, **overrides)
 
 __all__ = ['build_teacher', 'ResShiftTeacher', 'SAMPLER_DEFAULTS', 'PRECISIONS', 'DIFFUSION_DEFAULTS']
