@@ -37,6 +37,13 @@ TEACHER ?= options/demo/resshift_demo_x4.yml
 demo: $(STAMP)
 	$(PY) scripts/run_demo.py --teacher $(TEACHER)
 
+# make study: the KD losses over seeds on the demo data, with paired tests (docs/study.md), report in
+# results/study/; options pass through, e.g. make study STUDY_ARGS="--seeds 0 1 2 3 --iters 400"
+STUDY_ARGS ?=
+.PHONY: study
+study: $(STAMP)
+	$(PY) scripts/run_study.py $(STUDY_ARGS)
+
 # make bench DEVICE=cuda: the benchmark scripts of docs/benchmarks.md (random weights), each
 # table written to results/bench/<script>.md (printed at the end; a failing script stops the target)
 DEVICE ?= auto

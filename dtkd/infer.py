@@ -3,6 +3,7 @@
     dtkd-infer -i photos/ -o results/ --model net_g_latest.pth          # SwinIR-small x4 (the paper's student)
     dtkd-infer -i photos/ -o results/ -opt options/train_dtkd.yml --model net_g_latest.pth
     dtkd-infer -i photos/ -o results/ --teacher options/teacher/resshift_realsr_x4.yml   # ResShift, slow
+    dtkd-infer -i photos/ -o results/ --model net_g_latest.pth --engine openvino         # CPU deployment engine
 
 Images are read with the project's one reader, :func:`dtkd_data.image_io.read_image`, as stored
 (inference applies no further policy), and written in kind: grayscale stays single-channel, 16-bit
@@ -20,11 +21,17 @@ Outputs are written atomically (a hidden temporary file in the output folder, th
 interrupted run never leaves a truncated image; existing outputs are skipped unless ``--overwrite``.
 An image that cannot be read or processed is reported and the batch goes on; the exit status is
 0 when every image was done or skipped, 1 when some failed, 2 for an invalid option.
+
+``--engine onnxruntime|openvino`` (``pip install 'dtkd[deploy]'``) runs the student's ONNX graph on the
+CPU instead of PyTorch (``dtkd.engines``): exported from the checkpoint at start-up
+(``dtkd.onnx_export``), or ``--onnx FILE`` exported before with ``scripts/export_onnx.py``. Only the
+forward pass changes; everything above is the same for every engine.
 """
 import argparse
 import ctypes
 import os
 import sys
+import tempfile
 import time
 
 import cv2
@@ -32,6 +39,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dtkd.engines import ENGINES, GraphEngine, engine_precision, require
+from dtkd.onnx_export import export_student, graph_info
 from dtkd_arch.tiling import forward_padded, tiled_forward
 from dtkd_compat import OptionError, atomic_write
 from dtkd_data.image_io import BadImageError, read_image
@@ -157,7 +166,8 @@ class StudentRunner:
     """A feed-forward SR network on RGB BCHW [0, 1] tensors, with tiling and the out-of-memory fall-back.
 
     Args:
-        net (nn.Module): (B, C, h, w) -> (B, C, scale*h, scale*w).
+        net (callable): (B, C, h, w) -> (B, C, scale*h, scale*w): a PyTorch network, or an engine's forward
+            pass (:class:`dtkd.engines.GraphEngine`, which has its own ``precision`` and ``in_chans``).
         scale (int): up-scaling factor.
         multiple (int): inputs are reflect-padded to multiples of this (the window size).
         device (torch.device): where the network runs.
@@ -396,8 +406,14 @@ def parse_args(argv=None):
     p.add_argument('--tile', type=int, default=None, help=f'tile side in LR pixels, 0 = whole image (default: '
                    f'whole image on CUDA, {CPU_AUTO_TILE} on the CPU; halved automatically when memory runs out)')
     p.add_argument('--tile-pad', type=int, default=16, help='context around each tile, LR pixels (default 16)')
-    p.add_argument('--precision', choices=('fp32', 'bf16', 'fp16'), default='fp32',
-                   help='fp32 (default), bf16 (CPUs with AMX/AVX512-BF16, GPUs) or fp16 (CUDA)')
+    p.add_argument('--precision', choices=('fp32', 'bf16', 'fp16'), default=None,
+                   help='fp32, bf16 (CPUs with AMX/AVX512-BF16, GPUs) or fp16 (CUDA). Default: fp32; with --engine '
+                   'openvino, bf16 on CPUs with AMX or AVX512-BF16')
+    p.add_argument('--engine', choices=ENGINES, default='torch',
+                   help="what runs the student: torch (default), or its ONNX graph in onnxruntime or openvino on the "
+                   "CPU (pip install 'dtkd[deploy]')")
+    p.add_argument('--onnx', help='with --engine onnxruntime|openvino: a graph written by scripts/export_onnx.py, '
+                   'instead of --model/-opt (default: the student exported at start-up)')
     p.add_argument('--device', default='auto', help='auto (default: CUDA if available), cpu, cuda, cuda:<i>')
     p.add_argument('--suffix', default=None, help='added to each output name (default _x<scale>)')
     p.add_argument('--ext', choices=EXT_CHOICES, default='auto',
@@ -411,6 +427,21 @@ def parse_args(argv=None):
 
 
 def _check_args(args):
+    if args.engine != 'torch':
+        require(args.engine)  # first: a missing package is reported before any other work
+        if args.teacher:
+            raise OptionError(f'--engine {args.engine}: runs a student; the teacher runs with --engine torch')
+        if args.device not in ('auto', 'cpu'):
+            raise OptionError(f'--engine {args.engine}: runs on the CPU; use --device cpu (or --engine torch '
+                              f'for {args.device})')
+        args.precision = engine_precision(args.engine, args.precision)
+        if args.onnx and (args.model or args.opt):
+            raise OptionError('--onnx: the graph replaces the checkpoint; do not combine it with --model/-opt')
+        if args.onnx:
+            graph_info(args.onnx)  # a missing or foreign file is an option error, before the engine sees it
+    elif args.onnx:
+        raise OptionError('--onnx: runs with --engine onnxruntime or --engine openvino')
+    args.precision = args.precision or 'fp32'
     if args.teacher and (args.model or args.opt):
         raise OptionError('--teacher: runs the teacher instead of a student; do not combine it with --model/-opt')
     if args.tile is not None and args.tile < 0:
@@ -421,15 +452,35 @@ def _check_args(args):
         raise OptionError(f"-o/--output: '{args.output}' exists and is not a folder")
 
 
+def build_engine(args, log):
+    """The student's graph in ``args.engine`` (:class:`dtkd.engines.GraphEngine`): ``--onnx``, or the
+    checkpoint of ``--model``/``-opt`` exported to a temporary file (removed once the engine has loaded it)."""
+    if args.onnx:
+        return GraphEngine(args.onnx, args.engine, args.precision)
+    network_g, ckpt, key = student_options(args.model, args.opt)
+    net = build_student(network_g, ckpt, key=key, source=args.opt)
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix='dtkd-onnx-') as folder:
+        path = os.path.join(folder, 'student.onnx')
+        export_student(network_g, net.state_dict(), path, checkpoint=ckpt)
+        engine = GraphEngine(path, args.engine, args.precision)
+    log(f'{args.engine} {args.precision}: student exported to ONNX and loaded in {time.time() - start:.1f} s '
+        '(export once with scripts/export_onnx.py and pass --onnx FILE to save this)')
+    return engine
+
+
 def build_runner(args, device, log):
     if args.teacher:
         teacher = build_teacher(args.teacher, args.precision, device, tile=args.tile, tile_pad=args.tile_pad)
         return TeacherRunner(teacher, seed=args.seed, log=log)
+    tile = args.tile if args.tile is not None else (0 if device.type == 'cuda' else CPU_AUTO_TILE)
+    if args.engine != 'torch':
+        net = build_engine(args, log)
+        return StudentRunner(net, net.scale, net.multiple, device, tile=tile, tile_pad=args.tile_pad, log=log)
     network_g, ckpt, key = student_options(args.model, args.opt)
     net = build_student(network_g, ckpt, key=key, precision=args.precision, device=device, source=args.opt)
     scale = int(network_g.get('upscale', getattr(net, 'upscale', 1)) if network_g.get('upsampler', 'x') else 1)
     multiple = getattr(net, 'pad_multiple', None) or network_g.get('window_size') or 1
-    tile = args.tile if args.tile is not None else (0 if device.type == 'cuda' else CPU_AUTO_TILE)
     return StudentRunner(net, scale, multiple, device, tile=tile, tile_pad=args.tile_pad, precision=args.precision,
                          log=log)
 
@@ -437,7 +488,7 @@ def build_runner(args, device, log):
 def infer(args):
     """Process every input; returns the exit status (0: all done or skipped, 1: some failed)."""
     _check_args(args)
-    device = pick_device(args.device)
+    device = pick_device('cpu' if args.engine != 'torch' else args.device)
     if args.precision == 'fp16' and device.type != 'cuda':
         raise OptionError(f"--precision fp16: needs a CUDA device (this run uses {device.type}); use bf16 or fp32")
     inputs = list_inputs(args.input)

@@ -153,7 +153,7 @@ class ResShiftUNet(nn.Module):
     Args (names of the official ``model.params``):
         image_size (int): latent side the network is built for (64 for the x4 real-SR model); decides
             which levels get Swin stages (``attention_resolutions``) and the stored shift masks.
-        in_channels (int): latent channels (3).
+        in_channels (int): latent channels (3); with ``lq_size`` None, latent plus LQ channels (6).
         model_channels (int): base width (160).
         out_channels (int): output channels (3).
         num_res_blocks (int | list[int]): residual blocks per level.
@@ -175,7 +175,10 @@ class ResShiftUNet(nn.Module):
         patch_norm (bool): GroupNorm around the Swin patch (un)embedding.
         cond_lq (bool): concatenate the LQ image (or its features) to the input.
         cond_mask (bool): also concatenate an inpainting mask channel (official inpainting models).
-        lq_size (int): LQ side; if larger than ``image_size`` a strided conv stack brings it down.
+        lq_size (int | None): LQ side; if larger than ``image_size`` a strided conv stack brings it down.
+            None is the older layout of the same weights (the UNet of SinSR's ``configs/SinSR.yaml``,
+            Wang et al., CVPR 2024): no ``lq_size`` key, ``in_channels`` counts the LQ channels too
+            and the LQ image, of the latent's size, is concatenated as it is.
 
     Forward: ``unet(x, timesteps, lq=None, mask=None)`` with x (B, in_channels, H, W) the scaled noisy
     latent, timesteps (B,) step indices, lq (B, 3, H * lq_size / image_size, ...) the LQ image in
@@ -190,7 +193,7 @@ class ResShiftUNet(nn.Module):
                  dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2, use_fp16=False, num_heads=1,
                  num_head_channels=-1, use_scale_shift_norm=False, resblock_updown=False, swin_depth=2,
                  swin_embed_dim=96, window_size=8, mlp_ratio=2.0, patch_norm=False, cond_lq=True, cond_mask=False,
-                 lq_size=256):
+                 lq_size=None):
         super().__init__()
         _check_supported('dims', dims, (2,))
         _check_supported('use_fp16', bool(use_fp16), (False,))
@@ -209,8 +212,17 @@ class ResShiftUNet(nn.Module):
         else:
             raise ValueError(f'ResShiftUNet: swin_embed_dim {swin_embed_dim} must be a multiple of '
                              f'num_head_channels {num_head_channels}')
+        cond_chn = 4 if cond_mask else 3
+        if lq_size is None:
+            # older layout: the first conv's input count includes the LQ channels
+            if not isinstance(in_channels, int) or in_channels <= cond_chn:
+                raise ValueError(f'ResShiftUNet: without lq_size (older layout), in_channels counts the latent and '
+                                 f'the {cond_chn} LQ channels and must exceed {cond_chn}, got {in_channels!r}')
+            in_channels -= cond_chn
+            lq_size = image_size
         self.image_size = image_size
         self.in_channels = in_channels
+        self.lq_size = lq_size
         self.model_channels = model_channels
         self.out_channels = out_channels
         self.cond_lq = cond_lq
@@ -224,7 +236,6 @@ class ResShiftUNet(nn.Module):
 
         # Reference behaviour: the LQ image is concatenated directly when it has the latent's size;
         # otherwise a (conv, SiLU, strided conv) stack per factor of 2 brings it down, doubling width.
-        cond_chn = 4 if cond_mask else 3
         if cond_lq and lq_size == image_size:
             self.feature_extractor = nn.Identity()
         else:

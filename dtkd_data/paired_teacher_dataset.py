@@ -7,6 +7,11 @@ for every training image, at GT size, stored under the GT's name (folder: same f
 LMDB: same key, same ``io_backend`` type as the GT). Teacher and GT share the crop window and
 the flip/rotation draw, so the teacher patch is always the teacher's view of the GT patch.
 
+``teacher_samples: K`` (K >= 2) also reads K samples of the stochastic teacher for every image
+(``scripts/generate_teacher_outputs.py --samples K``): sample 0 is ``dataroot_teacher`` itself, sample
+k >= 1 lives beside it at :func:`teacher_sample_path` (``<dataroot_teacher>/sample<k>.lmdb`` or
+``<dataroot_teacher>/sample<k>/``). All K ride along with the GT (same crop, same flip/rotation).
+
 All teacher entries are checked at construction (presence and size, from ``meta_info.txt`` for
 LMDB and from image headers for folders), so a missing or wrongly sized teacher image stops the
 run before training starts. Images are decoded by :func:`dtkd_data.image_io.read_training_image`
@@ -21,6 +26,7 @@ import copy
 import os
 import os.path as osp
 
+import torch
 from basicsr.data.data_util import paired_paths_from_meta_info_file
 from basicsr.data.transforms import augment, paired_random_crop
 from basicsr.utils import FileClient, bgr2ycbcr, img2tensor, scandir
@@ -35,6 +41,15 @@ from dtkd_data.lmdb_tools import IMG_EXTENSIONS, LmdbFormatError, listing, lmdb_
 MAX_LISTED = 10
 
 
+def teacher_sample_path(root, k):
+    """Where teacher sample ``k`` of the store ``root`` lives: ``root`` itself for k = 0, else the
+    ``sample<k>.lmdb`` (LMDB store) or ``sample<k>`` (folder store) inside it."""
+    root = root.rstrip('/')
+    if k == 0:
+        return root
+    return osp.join(root, f'sample{k}.lmdb' if root.endswith('.lmdb') else f'sample{k}')
+
+
 class TeacherDataError(OptionError):
     """Teacher images are missing or do not have the GT's size."""
 
@@ -47,6 +62,8 @@ class PairedTeacherDataset(data.Dataset):
         dataroot_gt, dataroot_lq (str): folders, or ``.lmdb`` folders when ``io_backend.type`` is lmdb.
         dataroot_teacher (str, optional): teacher SR images at GT size, named like the GT
             (folder: same file stem, any image extension; LMDB: same keys). Omit for val/test.
+        teacher_samples (int, optional): K >= 2 teacher samples per image (module docstring); needs
+            ``dataroot_teacher``. Default: none (only the teacher image).
         io_backend (dict): ``type`` is ``disk`` or ``lmdb``.
         meta_info_file (str, optional): GT names for the disk backend.
         filename_tmpl (str): LQ name template without extension. Default ``'{}'``.
@@ -59,7 +76,8 @@ class PairedTeacherDataset(data.Dataset):
         mean, std (list[float], optional): normalization applied to every returned image.
 
     Returns per item:
-        dict with ``lq`` (C, h, w), ``gt`` (C, H, W) and, with a teacher, ``teacher`` (C, H, W):
+        dict with ``lq`` (C, h, w), ``gt`` (C, H, W), with a teacher ``teacher`` (C, H, W) and with
+        ``teacher_samples`` a ``teacher_samples`` (K, C, H, W) whose first sample is ``teacher``:
         float32 tensors, RGB (or Y), range [0, 1] before normalization; ``lq_path``, ``gt_path``
         (and ``teacher_path``): file paths, or LMDB keys.
     """
@@ -77,6 +95,8 @@ class PairedTeacherDataset(data.Dataset):
         self.filename_tmpl = opt.get('filename_tmpl', '{}')
         self.gt_folder, self.lq_folder = opt['dataroot_gt'], opt['dataroot_lq']
         self.teacher_folder = opt.get('dataroot_teacher')
+        k = opt.get('teacher_samples')
+        self.sample_folders = [teacher_sample_path(self.teacher_folder, i) for i in range(1, k)] if k else []
 
         if self.backend == 'lmdb':
             self.paths = self._paths_from_lmdb()
@@ -85,6 +105,9 @@ class PairedTeacherDataset(data.Dataset):
             if self.teacher_folder is not None:
                 self.io_backend_opt['db_paths'].append(self.teacher_folder)
                 self.io_backend_opt['client_keys'].append('teacher')
+            for i, folder in enumerate(self.sample_folders, 1):
+                self.io_backend_opt['db_paths'].append(folder)
+                self.io_backend_opt['client_keys'].append(f'teacher{i}')
         elif opt.get('meta_info_file') is not None:
             self.paths = paired_paths_from_meta_info_file([self.lq_folder, self.gt_folder], ['lq', 'gt'],
                                                           opt['meta_info_file'], self.filename_tmpl)
@@ -93,6 +116,8 @@ class PairedTeacherDataset(data.Dataset):
             self.paths = self._paths_from_folders()
         if self.teacher_folder is not None:
             self._attach_teacher_paths()
+        for i, folder in enumerate(self.sample_folders, 1):
+            self._attach_teacher_paths(folder, i)
 
     # ------------------------------------------------------------------ validation
     def _key(self, name):
@@ -126,6 +151,23 @@ class PairedTeacherDataset(data.Dataset):
                                             '(data.mdb and meta_info.txt expected).')
             elif not osp.isdir(path):
                 raise FileNotFoundError(f'{self._key(name)}: folder {path} does not exist.')
+        samples = opt.get('teacher_samples')
+        if samples is not None:
+            if not isinstance(samples, int) or isinstance(samples, bool) or samples < 2:
+                raise OptionError(f"{self._key('teacher_samples')}: expected an integer >= 2 (teacher samples "
+                                  f'per image), got {samples!r}.')
+            if opt.get('dataroot_teacher') is None:
+                raise OptionError(f"{self._key('teacher_samples')} needs {self._key('dataroot_teacher')} "
+                                  '(the store of sample 0).')
+            for k in range(1, samples):
+                path = teacher_sample_path(opt['dataroot_teacher'], k)
+                ok = (lmdb_is_complete(path) if backend == 'lmdb' else osp.isdir(path))
+                if not ok:
+                    raise TeacherDataError(
+                        f"{self._key('teacher_samples')}={samples}: teacher sample {k} of "
+                        f"{self._key('dataroot_teacher')} ({opt['dataroot_teacher']}) is missing: {path} is not a "
+                        + ('complete LMDB' if backend == 'lmdb' else 'folder')
+                        + f'. Generate the samples with scripts/generate_teacher_outputs.py --samples {samples}.')
         meta = opt.get('meta_info_file')
         if meta is not None and backend != 'lmdb' and not osp.isfile(meta):
             raise FileNotFoundError(f"{self._key('meta_info_file')}: file {meta} does not exist.")
@@ -198,25 +240,29 @@ class PairedTeacherDataset(data.Dataset):
                 raise FileNotFoundError(f"{self._key('meta_info_file')}: {len(missing)} {kind.upper()} file(s) "
                                         f'listed in {self.opt["meta_info_file"]} do not exist: {_listing(missing)}')
 
-    def _attach_teacher_paths(self):
-        """Add ``teacher_path`` to every item after checking presence and size against the GT."""
+    def _attach_teacher_paths(self, folder=None, sample=0):
+        """Add ``teacher_path`` (sample 0, ``folder`` = ``dataroot_teacher``) or ``teacher<k>_path``
+        (sample k) to every item after checking presence and size against the GT."""
+        folder = self.teacher_folder if folder is None else folder
+        field = 'teacher_path' if sample == 0 else f'teacher{sample}_path'
+        what = self._key('dataroot_teacher') + (f' sample {sample}' if sample else '')
         missing, mismatched, unreadable = [], [], []
         if self.backend == 'lmdb':
             try:
                 gt_sizes = read_meta_info(self.gt_folder)
-                teacher_sizes = read_meta_info(self.teacher_folder)
+                teacher_sizes = read_meta_info(folder)
             except LmdbFormatError as err:
-                raise TeacherDataError(f"{self._key('dataroot_teacher')}: {err}") from err
+                raise TeacherDataError(f'{what}: {err}') from err
             for item in self.paths:
                 key = item['gt_path']
-                item['teacher_path'] = key
+                item[field] = key
                 if key not in teacher_sizes:
                     missing.append(key)
                 elif teacher_sizes[key][:2] != gt_sizes[key][:2]:
                     mismatched.append(f'{key} (teacher {_hw(teacher_sizes[key])}, GT {_hw(gt_sizes[key])})')
         else:
             by_stem = {}
-            for name in sorted(os.listdir(self.teacher_folder)):
+            for name in sorted(os.listdir(folder)):
                 stem, ext = osp.splitext(name)
                 if ext.lower() in IMG_EXTENSIONS:
                     by_stem.setdefault(stem, name)
@@ -225,8 +271,8 @@ class PairedTeacherDataset(data.Dataset):
                 if stem not in by_stem:
                     missing.append(stem)
                     continue
-                teacher_path = osp.join(self.teacher_folder, by_stem[stem])
-                item['teacher_path'] = teacher_path
+                teacher_path = osp.join(folder, by_stem[stem])
+                item[field] = teacher_path
                 try:
                     gt_size, teacher_size = _image_hw(item['gt_path']), _image_hw(teacher_path)
                 except TeacherDataError as err:
@@ -241,13 +287,15 @@ class PairedTeacherDataset(data.Dataset):
                 parts.append(f'{len(missing)} GT image(s) have no teacher image: {_listing(missing)}')
             if mismatched:
                 parts.append(f'{len(mismatched)} teacher image(s) differ in size from the GT: {_listing(mismatched)}')
-            raise TeacherDataError(f"{self._key('dataroot_teacher')} ({self.teacher_folder}), checked against "
+            raise TeacherDataError(f"{what} ({folder}), checked against "
                                    f"{self._key('dataroot_gt')} ({self.gt_folder}) for {len(self.paths)} images: "
                                    + '; '.join(parts) + '. Regenerate the teacher outputs for these images.')
 
     # ------------------------------------------------------------------ reading
     def _read(self, path, client_key):
-        folder = {'gt': self.gt_folder, 'lq': self.lq_folder, 'teacher': self.teacher_folder}[client_key]
+        folders = {'gt': self.gt_folder, 'lq': self.lq_folder, 'teacher': self.teacher_folder}
+        folders.update({f'teacher{i}': f for i, f in enumerate(self.sample_folders, 1)})
+        folder = folders[client_key]
         name = f'{client_key.upper()} image {path}' + (f' of {folder}' if self.backend == 'lmdb' else '')
         try:
             img_bytes = self.file_client.get(path, client_key)
@@ -279,6 +327,8 @@ class PairedTeacherDataset(data.Dataset):
         gts = [img_gt]
         if self.teacher_folder is not None:
             gts.append(self._read(item['teacher_path'], 'teacher'))
+        for i in range(1, len(self.sample_folders) + 1):
+            gts.append(self._read(item[f'teacher{i}_path'], f'teacher{i}'))
 
         if self.opt.get('phase') == 'train':
             self._check_pair(img_gt, img_lq, gt_path, lq_path)
@@ -310,6 +360,8 @@ class PairedTeacherDataset(data.Dataset):
         if self.teacher_folder is not None:
             out['teacher'] = tensors[1]
             out['teacher_path'] = item['teacher_path']
+        if self.sample_folders:
+            out['teacher_samples'] = torch.stack(tensors[1:-1])
         return out
 
     def __len__(self):

@@ -25,6 +25,24 @@ per-pixel uncertainty weighting, Wang et al., CVPR 2024), but per frequency band
 coarse structure is right while its fine texture is hallucinated keeps teaching LF and loses its say
 in HF only where the texture disagrees with the GT.
 
+``confidence: {type: teacher_spread, tau: ...}`` needs no GT but K >= 2 samples of the stochastic
+teacher for the same LQ (``teacher_samples``, (B, K, C, H, W), cached by
+``scripts/generate_teacher_outputs.py --samples K``). Where the diffusion teacher is sure, its samples
+agree; where it invents texture, each sample invents a different one. The weight is the same map applied
+to the spread of each coefficient over the samples:
+
+    s_i = std_k W_i(T_k)          (over the K samples, divisor K - 1)
+    c_i = 1                                   where s_i <= tau_g
+    c_i = exp(-((s_i - tau_g) / tau_g) ** 2)  beyond
+
+The student still distills towards ``target`` (the cached teacher output, sample 0), as with every
+other KD loss, so a run differs from plain DWT-KD only by the weights. (Distilling towards the sample
+mean would also change the target, to a smoother one, and mix two effects in one comparison.) The
+variance over samples as an estimate of predictive uncertainty follows Kendall & Gal ("What
+Uncertainties Do We Need in Bayesian Deep Learning for Computer Vision?", NeurIPS 2017); for diffusion
+models, pixel-wise uncertainty from the spread of generated samples is studied e.g. by BayesDiff (Kou
+et al., ICLR 2024).
+
 After each call, ``last_confidence`` holds the mean weight of each group (detached scalars), which
 DTKDModel logs beside ``kd_LF``/``kd_MF``/``kd_HF``.
 """
@@ -35,11 +53,11 @@ from basicsr.utils.registry import LOSS_REGISTRY
 
 from dtkd_loss.dwt_kd_loss import GROUPS, DWTKDLoss, check_pair, difference, no_autocast, reduce_groups
 
-CONFIDENCE_TYPES = ('gt_agreement',)
+CONFIDENCE_TYPES = ('gt_agreement', 'teacher_spread')
 
 
 def check_confidence(confidence, level, owner):
-    """``{type: gt_agreement, tau: float | [LF, MF, HF]}`` -> (type, {group: tau > 0})."""
+    """``{type: gt_agreement | teacher_spread, tau: float | [LF, MF, HF]}`` -> (type, {group: tau > 0})."""
     if not isinstance(confidence, dict):
         raise ValueError(f'{owner}: confidence must be a mapping such as {{type: gt_agreement, tau: 0.1}}, '
                          f'got {confidence!r}')
@@ -71,10 +89,12 @@ class ConfidenceDWTKDLoss(DWTKDLoss):
     """DWTKDLoss with per-coefficient confidence in the teacher (see the module docstring).
 
     Args: as :class:`DWTKDLoss`, plus
-        confidence (dict): ``{type: gt_agreement, tau: <float or [LF, MF, HF]>}``.
+        confidence (dict): ``{type: gt_agreement | teacher_spread, tau: <float or [LF, MF, HF]>}``.
 
-    Called as ``loss(pred, target, gt=gt)``: pred (student), target (teacher) and gt are (B, C, H, W),
-    RGB in [0, 1]. Without ``gt`` it raises (the confidence needs it). Returns a scalar tensor.
+    Called as ``loss(pred, target, gt=gt)`` (``gt_agreement``) or ``loss(pred, target,
+    teacher_samples=samples)`` (``teacher_spread``): pred (student), target (teacher) and gt are
+    (B, C, H, W), samples (B, K, C, H, W) with K >= 2, all RGB in [0, 1]. Without the input its
+    confidence needs it raises. Returns a scalar tensor.
     """
 
     def __init__(self, confidence=None, **kwargs):
@@ -95,27 +115,55 @@ class ConfidenceDWTKDLoss(DWTKDLoss):
             bands['MF'] = highs[1:]
         return bands
 
-    def group_losses(self, pred, target, gt=None):
+    def _distances(self, pred, target, gt, teacher_samples):
+        """{group: [per-band distance (B, C, h, w) fed to :func:`agreement_weight`]}, without gradients."""
         owner = type(self).__name__
-        if gt is None:
-            raise ValueError(f'{owner}: needs the ground truth: call loss(student, teacher, gt=gt)')
+        if self.confidence_type == 'gt_agreement':
+            if gt is None:
+                raise ValueError(f'{owner}: needs the ground truth: call loss(student, teacher, gt=gt)')
+            check_pair(target, gt, owner)
+            bands = self._bands(difference(target.detach(), gt.detach()))
+            return {name: [b.abs() for b in group] for name, group in bands.items()}
+        if teacher_samples is None:
+            raise ValueError(f'{owner}: confidence type teacher_spread needs K >= 2 teacher samples: call '
+                             'loss(student, teacher, teacher_samples=samples) (datasets.train.teacher_samples)')
+        if not isinstance(teacher_samples, torch.Tensor) or teacher_samples.dim() != 5 \
+                or teacher_samples.shape[0] != target.shape[0] or teacher_samples.shape[2:] != target.shape[1:]:
+            shape = tuple(teacher_samples.shape) if isinstance(teacher_samples, torch.Tensor) else teacher_samples
+            raise ValueError(f'{owner}: teacher_samples must be (B, K, C, H, W) matching the teacher '
+                             f'{tuple(target.shape)}, got {shape}')
+        b, k = teacher_samples.shape[:2]
+        if k < 2:
+            raise ValueError(f'{owner}: teacher_spread needs K >= 2 teacher samples per image, got {k} '
+                             '(datasets.train.teacher_samples)')
+        samples = teacher_samples.detach()
+        if samples.dtype in (torch.float16, torch.bfloat16):
+            samples = samples.float()
+        # the DWT is linear: the coefficients' deviation from their sample mean is the DWT of the
+        # images' deviation from theirs
+        centred = (samples - samples.mean(dim=1, keepdim=True)).flatten(0, 1)
+        bands = self._bands(centred)
+        return {name: [c.unflatten(0, (b, k)).square().sum(dim=1).div(k - 1).sqrt() for c in group]
+                for name, group in bands.items()}
+
+    def group_losses(self, pred, target, gt=None, teacher_samples=None):
+        owner = type(self).__name__
         check_pair(pred, target, owner)
-        check_pair(target, gt, owner)
         self.dwt.check_size(pred.shape[-2], pred.shape[-1], owner)
         with no_autocast(pred.device):
-            student_bands = self._bands(difference(pred, target))
             with torch.no_grad():
-                teacher_bands = self._bands(difference(target.detach(), gt.detach()))
+                distances = self._distances(pred, target, gt, teacher_samples)
+            student_bands = self._bands(difference(pred, target))
         sums, counts, confidence = {}, {}, {}
         for name, bands in student_bands.items():
-            weights = [agreement_weight(t.abs(), self.tau[name]) for t in teacher_bands[name]]
+            weights = [agreement_weight(d, self.tau[name]) for d in distances[name]]
             sums[name] = sum((w * s.abs()).flatten(1).sum(dim=1) for w, s in zip(weights, bands))
             counts[name] = sum(s[0].numel() for s in bands)
             confidence[name] = sum(w.sum() for w in weights) / (counts[name] * pred.shape[0])
         self.last_confidence = confidence
         return reduce_groups(sums, counts, self.reduction)
 
-    def forward(self, pred, target, gt=None):
-        terms = self.group_losses(pred, target, gt=gt)
+    def forward(self, pred, target, gt=None, teacher_samples=None):
+        terms = self.group_losses(pred, target, gt=gt, teacher_samples=teacher_samples)
         weights = self.group_weights_now(terms)
         return self.loss_weight * sum(weights[name] * terms[name] for name in terms)

@@ -19,6 +19,8 @@ gradients hold NaN/Inf is skipped, and ``train.max_nonfinite_steps`` consecutive
 
 A KD loss whose ``forward`` takes a ``gt`` keyword (or ``**kwargs``) is also given the ground truth:
 ``cri_kd(output, teacher, gt=gt)`` (confidence-aware losses weigh the teacher by its error to the GT).
+Likewise a ``teacher_samples`` keyword receives the batch's K cached teacher samples, (B, K, C, H, W),
+when the dataset reads them (``datasets.train.teacher_samples``).
 
 GPU training (docs/gpu_training.md):
 
@@ -119,6 +121,7 @@ class DTKDModel(SafeTrainingMixin, SRModel):
             self.online_teacher = self._build_online_teacher(teacher_opt)
         self.log_freq = int(self.opt.get('logger', {}).get('print_freq', 100))
         self.kd_takes_gt = self.cri_kd is not None and self._accepts_gt(self.cri_kd)
+        self.kd_takes_samples = self.cri_kd is not None and self._accepts_gt(self.cri_kd, 'teacher_samples')
         self.grad_scaler = self._build_grad_scaler()
         self._setup_gpu_options(train_opt)
 
@@ -157,10 +160,10 @@ class DTKDModel(SafeTrainingMixin, SRModel):
             logger.info('train.compile: the student is compiled with torch.compile at the first iteration')
 
     @staticmethod
-    def _accepts_gt(loss):
-        """Whether ``loss.forward`` takes a ``gt`` keyword (or any keyword, ``**kwargs``)."""
+    def _accepts_gt(loss, name='gt'):
+        """Whether ``loss.forward`` takes a ``name`` keyword (or any keyword, ``**kwargs``)."""
         params = inspect.signature(loss.forward).parameters.values()
-        return any(p.name == 'gt' and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.kind == p.VAR_KEYWORD
+        return any(p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.kind == p.VAR_KEYWORD
                    for p in params)
 
     def _build_online_teacher(self, teacher_opt):
@@ -176,6 +179,8 @@ class DTKDModel(SafeTrainingMixin, SRModel):
     def feed_data(self, data):
         super().feed_data(data)
         self.teacher = data['teacher'].to(self.device) if 'teacher' in data else None
+        samples = data.get('teacher_samples')
+        self.teacher_samples = samples.to(self.device) if samples is not None else None
         if self._channels_last():
             self.lq = self.lq.contiguous(memory_format=torch.channels_last)
 
@@ -196,9 +201,10 @@ class DTKDModel(SafeTrainingMixin, SRModel):
     # ------------------------------------------------------------------ training
     def kd_loss(self, output, teacher):
         """The KD loss at unit weight; the batch's GT is passed too when the loss takes a ``gt`` keyword."""
-        if self.kd_takes_gt:
-            return self.cri_kd(output, teacher, gt=self.gt)
-        return self.cri_kd(output, teacher)
+        kwargs = {'gt': self.gt} if self.kd_takes_gt else {}
+        if self.kd_takes_samples and getattr(self, 'teacher_samples', None) is not None:
+            kwargs['teacher_samples'] = self.teacher_samples
+        return self.cri_kd(output, teacher, **kwargs)
 
     def optimize_parameters(self, current_iter):
         compiled = getattr(self, 'net_g_compiled', None)

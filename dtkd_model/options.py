@@ -14,6 +14,7 @@ import torch
 
 from dtkd_compat import OptionError
 from dtkd_data.image_checks import PAIRED_DATASETS
+from dtkd_data.realworld_degradation import check_degradation_options
 from dtkd_model.kd_schedule import KDWeightSchedule
 from dtkd_model.safe_training import max_nonfinite_steps
 from dtkd_teacher.teacher import check_checkpoints, resolve_project_path
@@ -71,9 +72,9 @@ def validate_options(opt, is_train):
                           "available; use num_gpu: auto (0 means CPU)")
 
 
-DTKD_MODELS = ('DTKDModel', 'AugKDModel')
+DTKD_MODELS = ('DTKDModel', 'AugKDModel', 'RealWorldDTKDModel')
 TOP_KEYS = ('name', 'model_type', 'scale', 'num_gpu', 'manual_seed', 'datasets', 'network_g', 'path', 'train', 'val',
-            'logger', 'dist_params', 'teacher', 'dataset_check', 'find_unused_parameters')
+            'logger', 'dist_params', 'teacher', 'dataset_check', 'find_unused_parameters', 'degradation')
 TRAIN_KEYS = ('ema_decay', 'optim_g', 'scheduler', 'total_iter', 'warmup_iter', 'pixel_opt', 'perceptual_opt',
               'kd_opt', 'kd_schedule', 'max_nonfinite_steps', 'channels_last', 'compile')
 # train keys that are switches (docs/gpu_training.md): true or false, default false
@@ -81,7 +82,8 @@ TRAIN_SWITCHES = ('channels_last', 'compile')
 VAL_KEYS = ('val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'tile', 'pad_multiple', 'model_label', 'kd_label')
 TEACHER_KEYS = ('opt', 'precision')
 TILE_KEYS = ('tile_size', 'tile_pad')
-DATASET_KEYS = ('name', 'type', 'phase', 'scale', 'dataroot_gt', 'dataroot_lq', 'dataroot_teacher', 'io_backend',
+DATASET_KEYS = ('name', 'type', 'phase', 'scale', 'dataroot_gt', 'dataroot_lq', 'dataroot_teacher',
+                'teacher_samples', 'io_backend',
                 'meta_info_file', 'filename_tmpl', 'gt_size', 'use_hflip', 'use_rot', 'color', 'mean', 'std',
                 'num_worker_per_gpu', 'batch_size_per_gpu', 'dataset_enlarge_ratio', 'prefetch_mode',
                 'num_prefetch_queue', 'pin_memory', 'persistent_workers', 'use_shuffle')
@@ -107,10 +109,11 @@ def _check_loss_block(block, where):
 
 
 def check_model_options(opt, is_train):
-    """The values DTKDModel and AugKDModel depend on: task and KD loss blocks, the KD schedule, the teacher
-    block, ``val.tile``, ``train.max_nonfinite_steps`` and the switches ``train.channels_last`` and
-    ``train.compile``. Called by :func:`check_project_blocks` (before anything is created) and by the
-    models themselves (when another runner builds them)."""
+    """The values DTKDModel, AugKDModel and RealWorldDTKDModel depend on: task and KD loss blocks, the KD
+    schedule, the teacher block, RealWorldDTKDModel's ``degradation`` block, ``val.tile``,
+    ``train.max_nonfinite_steps`` and the switches ``train.channels_last`` and ``train.compile``. Called
+    by :func:`check_project_blocks` (before anything is created) and by the models themselves (when
+    another runner builds them)."""
     train = opt.get('train') or {}
     if is_train:
         if not train.get('pixel_opt'):
@@ -138,6 +141,12 @@ def check_model_options(opt, is_train):
             except ValueError as err:
                 raise OptionError(str(err)) from None
     teacher = opt.get('teacher')
+    if opt.get('model_type') == 'RealWorldDTKDModel':
+        check_degradation_options(opt.get('degradation'), opt.get('scale'))
+        if is_train and train.get('kd_opt') is not None and teacher is None:
+            raise OptionError('teacher: RealWorldDTKDModel distils from an online teacher (its LQ is made on the '
+                              'fly, so there are no cached teacher outputs); add a teacher block, e.g. '
+                              '{opt: options/teacher/sinsr_realsr_x4.yml}, or remove train.kd_opt')
     if teacher is not None:
         check_keys(teacher, TEACHER_KEYS, 'teacher')
         if not isinstance(teacher.get('opt'), str):
@@ -179,6 +188,8 @@ def check_project_blocks(opt, is_train):
                 _check_loss_block(train[name], f'train.{name}')
     if dtkd:
         check_model_options(opt, is_train)
+        if opt['model_type'] != 'RealWorldDTKDModel' and 'degradation' in opt:
+            raise OptionError('degradation: only model_type RealWorldDTKDModel makes its LQ on the fly')
     elif is_train and isinstance(train, dict):
         max_nonfinite_steps(train)
     if opt['model_type'] == 'AugKDModel' and is_train and isinstance(train, dict):

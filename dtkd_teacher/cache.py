@@ -27,6 +27,13 @@ Guarantees:
 * Sharding: with ``world_size`` > 1 (``torchrun``) rank r takes keys ``[r::world_size]``; all ranks
   write into the same output (LMDB serialises write transactions across processes) and rank 0
   writes ``meta_info.txt`` after a barrier.
+* Several samples: ``samples`` K > 1 stores K independent draws of the stochastic teacher per image,
+  for confidence from their spread (``ConfidenceDWTKDLoss``'s ``teacher_spread``). Sample 0 is the
+  output itself, exactly the single-sample output (same seed, same bytes), so a K = 1 cache stays
+  valid and grows by the missing samples. Sample k >= 1 is a store of its own at
+  :func:`dtkd_data.paired_teacher_dataset.teacher_sample_path` (``<output>/sample<k>.lmdb`` or
+  ``<output>/sample<k>/``) with its own ``teacher_cache.json`` (the settings plus ``sample: k``), drawn
+  from :func:`sample_seed`; resume, sharding and batching work per store as above.
 """
 import copy
 import hashlib
@@ -44,6 +51,7 @@ import torch
 from dtkd_compat import MissingFileError, OptionError, atomic_write, fault_point
 from dtkd_data.image_io import BadImageError, image_size, png_info, read_training_image
 from dtkd_data.lmdb_tools import LmdbFormatError, check_key, encode_png, list_images, listing, read_meta_info
+from dtkd_data.paired_teacher_dataset import teacher_sample_path
 
 RECORD_NAME = 'teacher_cache.json'
 FORMAT_VERSION = 1
@@ -59,10 +67,16 @@ def key_seed(key, seed):
     return int.from_bytes(digest[:8], 'little') & (2**63 - 1)
 
 
-def key_generator(key, seed):
-    """CPU ``torch.Generator`` for ``key``. The teacher draws on it and moves the noise to its device,
-    so the noise (not necessarily the network arithmetic) is the same on every device."""
-    return torch.Generator(device='cpu').manual_seed(key_seed(key, seed))
+def sample_seed(key, seed, sample=0):
+    """Seed of teacher sample ``sample`` of ``key``: :func:`key_seed` for sample 0 (the single-sample
+    cache's seed), ``key_seed(f'{key}/sample{k}', seed)`` for sample k ('/' is in no key)."""
+    return key_seed(key if sample == 0 else f'{key}/sample{int(sample)}', seed)
+
+
+def key_generator(key, seed, sample=0):
+    """CPU ``torch.Generator`` for ``key`` (and teacher ``sample``). The teacher draws on it and moves the
+    noise to its device, so the noise (not necessarily the network arithmetic) is the same on every device."""
+    return torch.Generator(device='cpu').manual_seed(sample_seed(key, seed, sample))
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -267,9 +281,10 @@ def file_sha256(path, chunk=1 << 22):
     return h.hexdigest()
 
 
-def cache_settings(opt, seed):
+def cache_settings(opt, seed, sample=0):
     """What defines the cached bytes: teacher options without file paths and device, checkpoint
-    hashes, seed, PNG level. Raises when a checkpoint is missing (before any long work)."""
+    hashes, seed, PNG level (and, for sample k >= 1 of a multi-sample cache, ``sample: k``). Raises
+    when a checkpoint is missing (before any long work)."""
     clean = copy.deepcopy(opt)
     checkpoints = {}
     for block in ('unet', 'autoencoder'):
@@ -283,7 +298,9 @@ def cache_settings(opt, seed):
     sampler = clean.get('sampler') or {}
     sampler.pop('device', None)
     blob = json.dumps(clean, sort_keys=True, default=str)
+    extra = {'sample': int(sample)} if sample else {}  # sample 0: the single-sample record, unchanged
     return {
+        **extra,
         'format': FORMAT_VERSION,
         'seed': int(seed),
         'png_compress_level': PNG_LEVEL,
@@ -294,7 +311,7 @@ def cache_settings(opt, seed):
 
 
 def _settings_differ(old, new):
-    keys = ('format', 'seed', 'png_compress_level', 'teacher_options_sha256', 'checkpoints_sha256')
+    keys = ('format', 'seed', 'sample', 'png_compress_level', 'teacher_options_sha256', 'checkpoints_sha256')
     return [k for k in keys if old.get(k) != new.get(k)]
 
 
@@ -443,7 +460,7 @@ def check_or_init_output(output, settings, overwrite=False):
 
 def generate_teacher_outputs(teacher_opt, input_path, output_path, gt_path=None, filename_tmpl='{}', seed=0,
                              steps=None, precision=None, device=None, batch_size=1, overwrite=False, rank=0,
-                             world_size=1, barrier=None, progress=True, limit=None):
+                             world_size=1, barrier=None, progress=True, limit=None, samples=1):
     """Write the teacher's SR of every input image under the GT key into ``output_path``.
 
     Args:
@@ -461,57 +478,69 @@ def generate_teacher_outputs(teacher_opt, input_path, output_path, gt_path=None,
         rank, world_size (int): this process's shard: keys ``[rank::world_size]``.
         barrier (callable | None): synchronises ranks (``torch.distributed.barrier``); required if world_size > 1.
         limit (int | None): stop after this many new images in this process (for testing / partial runs).
+        samples (int): K teacher samples per image (module docstring): sample 0 in ``output_path``,
+            sample k in :func:`teacher_sample_path` (output_path, k).
 
     Returns:
-        dict: ``written`` (new images by this process), ``skipped`` (already present), ``total`` keys,
-        ``seconds``.
+        dict: ``written`` (new images by this process, all samples), ``skipped`` (already present),
+        ``total`` keys, ``samples``, ``seconds``.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise OptionError(f'--batch-size: expected a positive integer, got {batch_size!r}')
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise OptionError(f'--samples: expected a positive integer, got {samples!r}')
     if world_size > 1 and barrier is None:
         raise ValueError('generate_teacher_outputs: a barrier is needed with world_size > 1')
     sync = barrier or (lambda: None)
     opt = load_teacher_options(teacher_opt, steps=steps, precision=precision, device=device)
     diffusion = opt.get('diffusion')
     scale = diffusion.get('sf', 4) if isinstance(diffusion, dict) else 4
-    output = make_output(output_path)
+    outputs = [make_output(teacher_sample_path(output_path, k)) for k in range(samples)]
+    output = outputs[0]
     lq_source = ImageSource(input_path, '--input')
     gt_source = ImageSource(gt_path, '--gt') if gt_path is not None else None
     if osp.abspath(output.path) in {osp.abspath(input_path.rstrip('/'))} | (
             {osp.abspath(gt_path.rstrip('/'))} if gt_path else set()):
         raise OptionError(f'--output {output.path} must differ from --input and --gt')
     jobs = plan_jobs(lq_source, gt_source, filename_tmpl, scale, check_keys=output.kind == 'lmdb')
-    settings = cache_settings(opt, seed)
+    settings = [cache_settings(opt, seed, k) for k in range(samples)]
 
     if rank == 0:
-        check_or_init_output(output, settings, overwrite)
+        # sample 0 first: --overwrite of the output removes the sample stores inside it too
+        for out, rec in zip(outputs, settings):
+            check_or_init_output(out, rec, overwrite)
     sync()
     if rank != 0:
-        with open(osp.join(output.path, RECORD_NAME), encoding='utf-8') as f:
-            if _settings_differ(json.load(f), settings):
-                raise OptionError(f'rank {rank}: settings differ from those rank 0 recorded in {output.path}')
-    output.open(_map_size(jobs))
-    done = output.done_keys()
+        for out, rec in zip(outputs, settings):
+            with open(osp.join(out.path, RECORD_NAME), encoding='utf-8') as f:
+                if _settings_differ(json.load(f), rec):
+                    raise OptionError(f'rank {rank}: settings differ from those rank 0 recorded in {out.path}')
     mine = jobs[rank::world_size]
-    todo = [j for j in mine if j.key not in done]
+    todo, skipped = [], 0
+    for k, out in enumerate(outputs):
+        out.open(_map_size(jobs))
+        done = out.done_keys()
+        skipped += sum(j.key in done for j in mine)
+        todo += [(k, j) for j in mine if j.key not in done]
     if limit is not None:
         todo = todo[:limit]
-    stats = {'written': 0, 'skipped': len(mine) - len([j for j in mine if j.key not in done]),
-             'total': len(jobs), 'seconds': 0.0}
+    stats = {'written': 0, 'skipped': skipped, 'total': len(jobs), 'samples': samples, 'seconds': 0.0}
     start = time.time()
     try:
         if todo:
             from dtkd_teacher.teacher import build_teacher
 
             teacher = build_teacher(opt)
-            _run(teacher, todo, lq_source, output, seed, batch_size, stats, progress and rank == 0,
+            _run(teacher, todo, lq_source, outputs, seed, batch_size, stats, progress and rank == 0,
                  desc=f'teacher SR [rank {rank}/{world_size}]' if world_size > 1 else 'teacher SR')
         sync()
         if rank == 0 and limit is None:
-            output.finalize([j.key for j in jobs])
+            for out in outputs:
+                out.finalize([j.key for j in jobs])
         sync()
     finally:
-        output.close()
+        for out in outputs:
+            out.close()
         lq_source.close()
     stats['seconds'] = time.time() - start
     return stats
@@ -519,39 +548,45 @@ def generate_teacher_outputs(teacher_opt, input_path, output_path, gt_path=None,
 
 def group_jobs(jobs, batch_size):
     """Consecutive jobs in groups of at most ``batch_size`` with equal LQ size (a job of another size
-    starts a new group), in order: each group is one batched ``teacher.sample`` call."""
+    starts a new group), in order: each group is one batched ``teacher.sample`` call. A job is a
+    :class:`Job` or a ``(sample, Job)`` pair; pairs of different samples never share a group."""
+    def signature(job):
+        return (job[0], tuple(job[1].lq_hw)) if isinstance(job, tuple) else tuple(job.lq_hw)
+
     groups = []
     for job in jobs:
-        if groups and len(groups[-1]) < batch_size and tuple(groups[-1][0].lq_hw) == tuple(job.lq_hw):
+        if groups and len(groups[-1]) < batch_size and signature(groups[-1][0]) == signature(job):
             groups[-1].append(job)
         else:
             groups.append([job])
     return groups
 
 
-def _run(teacher, todo, lq_source, output, seed, batch_size, stats, show, desc):
+def _run(teacher, todo, lq_source, outputs, seed, batch_size, stats, show, desc):
+    """Sample the ``(sample, Job)`` pairs of ``todo`` and store each in ``outputs[sample]``."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit='img', desc=desc, disable=not show, dynamic_ncols=True)
     try:
         for group in group_jobs(todo, batch_size):
+            k = group[0][0]
             lqs = []
-            for job in group:
+            for _, job in group:
                 img = lq_source.read(job.lq_key)
                 if img.shape[:2] != tuple(job.lq_hw):
                     raise OptionError(f'--input: {lq_source.describe(job.lq_key)} decodes to '
                                             f'{img.shape[0]}x{img.shape[1]}, its header said {job.lq_hw}')
                 lqs.append(bgr_to_tensor(img))
             # one network call per step for the whole group; each image draws from its own generator
-            srs = teacher.sample(torch.cat(lqs), generator=[key_generator(job.key, seed) for job in group])
+            srs = teacher.sample(torch.cat(lqs), generator=[key_generator(job.key, seed, k) for _, job in group])
             pending = []
-            for job, sr in zip(group, srs):
+            for (_, job), sr in zip(group, srs):
                 if tuple(sr.shape[-2:]) != tuple(job.out_hw):
                     raise RuntimeError(f'teacher output for {job.key} is {tuple(sr.shape[-2:])}, '
                                        f'expected {job.out_hw}')
                 png, _ = encode_png(tensor_to_bgr_uint8(sr), PNG_LEVEL)
                 pending.append((job.key, png))
-            output.put_many(pending)  # one transaction per group
+            outputs[k].put_many(pending)  # one transaction per group
             stats['written'] += len(pending)
             bar.update(len(pending))
     finally:

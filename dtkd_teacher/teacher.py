@@ -2,8 +2,12 @@
 
 The teacher of the DTKD paper is ResShift (Yue et al., NeurIPS 2023; github.com/zsyOAOA/ResShift),
 the 15-step real-SR model ``resshift_realsrx4_s15_v1.pth`` with the VQ-f4 autoencoder
-``autoencoder_vq_f4.pth``. Pre- and post-processing follow the official ``sampler.py``
-(``ResShiftSampler.sample_func`` / ``inference``):
+``autoencoder_vq_f4.pth``. The same sampler runs the released relatives of that model, which differ
+only in weights and schedule: ResShift v3 (the journal version, Yue et al., TPAMI 2024: 4 steps,
+``resshift_realsrx4_s4_v3.pth``) and SinSR (Wang et al., CVPR 2024: one x_0 prediction from the last
+step of the 15-step process, ``SinSR_v1.pth`` / ``SinSR_v2.pth``); see ``options/teacher/``.
+Pre- and post-processing follow the official ``sampler.py`` (``ResShiftSampler.sample_func`` /
+``inference``):
 
 1. LR to [-1, 1] (``(x - 0.5) / 0.5``);
 2. images larger than ``chop_size`` (LR pixels, either side) are cut into overlapping
@@ -51,6 +55,16 @@ SAMPLER_DEFAULTS = {
     'device': 'auto',
 }
 _DOWNLOAD = 'https://github.com/zsyOAOA/ResShift/releases/download/v2.0/'
+_SINSR_DOWNLOAD = 'https://github.com/wyf0912/SinSR/releases/download/v1.0/'
+# released files a teacher option file may name: where to download them and which release they are
+_RELEASES = {
+    'resshift_realsrx4_s15_v1.pth': (_DOWNLOAD, 'ResShift release v2.0, github.com/zsyOAOA/ResShift'),
+    'resshift_realsrx4_s15_v2.pth': (_DOWNLOAD, 'ResShift release v2.0, github.com/zsyOAOA/ResShift'),
+    'resshift_realsrx4_s4_v3.pth': (_DOWNLOAD, 'ResShift release v2.0, github.com/zsyOAOA/ResShift'),
+    'autoencoder_vq_f4.pth': (_DOWNLOAD, 'ResShift release v2.0, github.com/zsyOAOA/ResShift'),
+    'SinSR_v1.pth': (_SINSR_DOWNLOAD, 'SinSR release v1.0, github.com/wyf0912/SinSR'),
+    'SinSR_v2.pth': (_SINSR_DOWNLOAD, 'SinSR release v1.0, github.com/wyf0912/SinSR'),
+}
 
 
 def _is_int(v):
@@ -90,10 +104,12 @@ def checkpoint_path(ckpt, name, what, default_ckpt):
     path = resolve_project_path(ckpt)
     if not os.path.isfile(path):
         where = f"{what} checkpoint '{ckpt}' not found (option {name}.ckpt, also looked in {_REPO_ROOT})"
-        if os.path.basename(path) != default_ckpt:
+        base = os.path.basename(path)
+        if base not in _RELEASES:
             raise MissingFileError(where)
-        raise MissingFileError(f'{where}: download {_DOWNLOAD}{default_ckpt} (ResShift release v2.0, '
-                               f'github.com/zsyOAOA/ResShift) into weights/ or set {name}.ckpt to its path')
+        url, release = _RELEASES[base]
+        raise MissingFileError(f'{where}: download {url}{base} ({release}) into weights/ or set {name}.ckpt '
+                               'to its path')
     return path
 
 

@@ -14,7 +14,9 @@ LQ image under the GT's key: set it as ``dataroot_teacher`` of ``PairedTeacherDa
 Rerunning the same command resumes (finished keys are skipped); a killed run leaves no partial
 entry. Every image draws its noise from its own generator seeded from (--seed, key), so the results
 do not depend on interruptions, sharding or --batch-size (a batched network call may only move a few
-pixels by one grey level). See ``dtkd_teacher/cache.py``. LQ images are read
+pixels by one grey level). ``--samples K`` stores K independent teacher samples per image (sample 0 is
+the output itself, unchanged; sample k in ``<output>/sample<k>.lmdb``) for the ``teacher_spread``
+confidence of ``ConfidenceDWTKDLoss``. See ``dtkd_teacher/cache.py``. LQ images are read
 as ``PairedTeacherDataset`` reads them (``dtkd_data.image_io.read_training_image``).
 """
 import argparse
@@ -51,6 +53,10 @@ def parse_args(argv=None):
     parser.add_argument('--steps', type=int, default=None, help='override sampler.steps (e.g. 1)')
     parser.add_argument('--device', default=None, help="override sampler.device ('auto', 'cpu', 'cuda:0')")
     parser.add_argument('--seed', type=int, default=0, help='base seed; per image: sha256(seed:key)')
+    parser.add_argument('--samples', type=int, default=1,
+                        help='K teacher samples per image (for teacher_spread confidence): sample 0 is the '
+                        'output itself (the same as with K = 1), sample k the store <output>/sample<k>.lmdb '
+                        '(or folder <output>/sample<k>), each drawn from its own per-key seed')
     parser.add_argument('--overwrite', action='store_true', help='replace an output made with other settings')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser.parse_args(argv)
@@ -80,7 +86,7 @@ def main(argv=None):
             args.opt, args.input, args.output, gt_path=args.gt, filename_tmpl=args.filename_tmpl, seed=args.seed,
             steps=args.steps, precision=args.precision, device=device, batch_size=args.batch_size,
             overwrite=args.overwrite, rank=rank, world_size=world_size, barrier=barrier,
-            progress=not args.no_progress)
+            progress=not args.no_progress, samples=args.samples)
     except OptionError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
@@ -92,7 +98,7 @@ def main(argv=None):
                 dist.destroy_process_group()
     if rank == 0:
         print(f"teacher outputs: {stats['written']} written by rank 0, {stats['skipped']} already present, "
-              f"{stats['total']} keys in {args.output} ({stats['seconds']:.1f} s)")
+              f"{stats['total']} keys x {stats['samples']} sample(s) in {args.output} ({stats['seconds']:.1f} s)")
     return 0
 
 

@@ -8,11 +8,15 @@ and one line saying so. Steps:
 1. ``pytest -m cuda``: the student forward and gradients (fp32, bf16) against float64 on the CPU, the
    teacher on CUDA against the CPU, 20 training iterations of the paper's options (fp32, bf16 autocast,
    fp16 with the gradient scaler, with and without channels-last), train.compile, dtkd-infer with and
-   without tiles, a one-process NCCL start;
+   without tiles, a one-process NCCL start, the real-world path with a bf16 online teacher;
 2. the student's latency and training speed (``benchmark_student.py --device cuda``);
 3. the teacher's latency and the teacher/student ratio (``benchmark_teacher.py``, random weights);
 4. FLOPs and parameters (``benchmark_complexity.py``);
-5. a training step at batch 64 (``benchmark_train_step.py --device cuda``).
+5. a training step (``benchmark_train_step.py --device cuda``);
+6. a training step at batch 64 with the full-size teachers online in bf16 (SinSR 1 step, ResShift v3
+   4 steps, ResShift 15 steps, random weights) and the real-world path (Real-ESRGAN degradation + SinSR):
+   ``benchmark_train_step.py --device cuda --online``; the goal is an online one-step iteration at
+   most 3x a plain SRModel iteration.
 
     python scripts/gpu_check.py [--out results/gpu] [--quick]
 """
@@ -30,6 +34,9 @@ STEPS = [
     ('benchmark_complexity', [sys.executable, 'scripts/benchmark_complexity.py', '--random-weights',
                               '--device', 'cuda']),
     ('benchmark_train_step', [sys.executable, 'scripts/benchmark_train_step.py', '--device', 'cuda']),
+    ('benchmark_train_step_online', [sys.executable, 'scripts/benchmark_train_step.py', '--device', 'cuda',
+                                     '--online', '--batch', '64', '--iters', '5', '--warmup', '2',
+                                     '--loss-repeats', '3']),
 ]
 
 

@@ -243,6 +243,86 @@ def fmt(value, metric):
     return f'{value:.{metric_decimals(metric)}f}'
 
 
+# ---------------------------------------------------------------------------------------------- stages
+def cache_teacher(work, data, teacher_file, precision, stages, env, samples=1):
+    """Stage 2: the teacher's outputs on the training set (``samples`` per image) in
+    ``datasets/demo/train/teacher_<tag>.lmdb``, made or completed with ``scripts/generate_teacher_outputs.py``.
+    Returns (the LMDB, a key that changes whenever its content does)."""
+    t0 = time.time()
+    from dtkd_data.paired_teacher_dataset import teacher_sample_path
+    from dtkd_teacher.cache import RECORD_NAME, _settings_differ, cache_settings, load_teacher_options
+
+    tag = os.path.splitext(os.path.basename(teacher_file))[0]
+    teacher_lmdb = os.path.join(work, 'datasets', 'demo', 'train', f'teacher_{tag}.lmdb')
+    settings = cache_settings(load_teacher_options(teacher_file, precision=precision), 0)
+    cmd = [sys.executable, os.path.join(REPO, 'scripts', 'generate_teacher_outputs.py'), '-opt', teacher_file,
+           '--input', data['train_lq'], '--gt', data['train_gt'], '--output', teacher_lmdb, '--precision', precision]
+    if samples > 1:
+        cmd += ['--samples', str(samples), '--batch-size', '4']
+    stores = [teacher_sample_path(teacher_lmdb, k) for k in range(samples)]
+    record = os.path.join(teacher_lmdb, RECORD_NAME)
+    complete = all(os.path.isfile(os.path.join(p, 'meta_info.txt')) for p in stores)
+    if os.path.isfile(record):
+        with open(record, encoding='utf-8') as f:
+            if _settings_differ(json.load(f), settings):
+                print(f'{teacher_lmdb} was made with another teacher or settings: rebuilding it')
+                cmd.append('--overwrite')
+                complete = False
+    run(cmd, env=env)  # checks what is there, resumes or skips finished keys
+    teacher_key = fingerprint(settings, *[file_digest(os.path.join(p, 'meta_info.txt')) for p in stores])
+    stages.done('teacher_cache', teacher_key, time.time() - t0, complete)
+    return teacher_lmdb, teacher_key
+
+
+def train_student(work, opt, teacher_key, stages, env):
+    """Stage 3 for one student: ``dtkd-train`` with ``opt`` (kept under ``options_demo/``), reused when
+    a finished run had the same options and teacher cache. Returns its last checkpoint."""
+    t0 = time.time()
+    name = opt['name']
+    key = fingerprint(opt, teacher_key if 'dataroot_teacher' in opt['datasets']['train'] else None)
+    exp = os.path.join(work, 'experiments', name)
+    ckpt = os.path.join(exp, 'models', 'net_g_latest.pth')
+    if stages.valid(f'train_{name}', key, [ckpt]):
+        print(f'reusing {ckpt}')
+        stages.done(f'train_{name}', key, time.time() - t0, True)
+        return ckpt
+    if stages.started_with(f'train_{name}') != key and os.path.isdir(exp):
+        # made from other options or another teacher: start again; an interrupted run started
+        # with the same options resumes (--auto_resume)
+        shutil.rmtree(exp)
+    stages.start(f'train_{name}', key)
+    yml = dump(opt, os.path.join(work, 'options_demo', f'{name}.yml'))
+    run([sys.executable, '-m', 'dtkd.train', '-opt', yml, '--auto_resume'], env=env)
+    if not os.path.isfile(ckpt):
+        raise OptionError(f'training {name} finished without writing {ckpt}')
+    stages.done(f'train_{name}', key, time.time() - t0, False)
+    return ckpt
+
+
+def evaluate(work, opt, weights, data, stages, env):
+    """Stage 4 for one run: ``dtkd-test`` with ``opt`` into ``results/<name>``, reused when a finished
+    evaluation had the same options, weights and data. Returns its ``summary.json``."""
+    t0 = time.time()
+    run_name = opt['name']
+    res = os.path.join(work, 'results', run_name)
+    key = fingerprint(opt, file_digest(weights), data['test_gt'], file_digest(os.path.join(
+        data['root'], 'manifest.json')))
+    summary = os.path.join(res, 'summary.json')
+    if stages.valid(f'eval_{run_name}', key, [summary]):
+        print(f'reusing {summary}')
+        stages.done(f'eval_{run_name}', key, time.time() - t0, True)
+        return summary
+    stages.start(f'eval_{run_name}', key)
+    if os.path.isdir(res):
+        shutil.rmtree(res)
+    yml = dump(opt, os.path.join(work, 'options_demo', f'{run_name}.yml'))
+    run([sys.executable, '-m', 'dtkd.test', '-opt', yml], env=env)
+    if not os.path.isfile(summary):
+        raise OptionError(f'evaluation {run_name} finished without writing {summary}')
+    stages.done(f'eval_{run_name}', key, time.time() - t0, False)
+    return summary
+
+
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -311,51 +391,15 @@ def main(argv=None):
     # ------------------------------------------------------------------ 2. teacher outputs
     header(f'2/5 Teacher: caching its outputs on the training set ({os.path.relpath(teacher_file, REPO)}, '
            f'{precision})')
-    t0 = time.time()
-    from dtkd_teacher.cache import RECORD_NAME, _settings_differ, cache_settings, load_teacher_options
-
-    tag = os.path.splitext(os.path.basename(teacher_file))[0]
-    teacher_lmdb = os.path.join(work, 'datasets', 'demo', 'train', f'teacher_{tag}.lmdb')
-    settings = cache_settings(load_teacher_options(teacher_file, precision=precision), 0)
-    cmd = [py, os.path.join(REPO, 'scripts', 'generate_teacher_outputs.py'), '-opt', teacher_file,
-           '--input', data['train_lq'], '--gt', data['train_gt'], '--output', teacher_lmdb, '--precision', precision]
-    record = os.path.join(teacher_lmdb, RECORD_NAME)
-    complete = os.path.isfile(os.path.join(teacher_lmdb, 'meta_info.txt'))
-    if os.path.isfile(record):
-        with open(record, encoding='utf-8') as f:
-            if _settings_differ(json.load(f), settings):
-                print(f'{teacher_lmdb} was made with another teacher or settings: rebuilding it')
-                cmd.append('--overwrite')
-                complete = False
-    run(cmd, env=env)  # checks what is there, resumes or skips finished keys
-    teacher_key = fingerprint(settings, file_digest(os.path.join(teacher_lmdb, 'meta_info.txt')))
-    stages.done('teacher_cache', teacher_key, time.time() - t0, complete)
+    teacher_lmdb, teacher_key = cache_teacher(work, data, teacher_file, precision, stages, env)
 
     # ------------------------------------------------------------------ 3. students
     ckpts = {}
     for i, (name, source, _, kd_label) in enumerate(STUDENTS):
         header(f'3/5 Student {i + 1}/3: {kd_label if kd_label != "-" else "no distillation"} '
                f'({args.student_iters} iterations, from {source})')
-        t0 = time.time()
         opt = student_train_options(source, name, data, teacher_lmdb, args)
-        key = fingerprint(opt, teacher_key if 'dataroot_teacher' in opt['datasets']['train'] else None)
-        exp = os.path.join(work, 'experiments', name)
-        ckpt = os.path.join(exp, 'models', 'net_g_latest.pth')
-        ckpts[name] = ckpt
-        if stages.valid(f'train_{name}', key, [ckpt]):
-            print(f'reusing {ckpt}')
-            stages.done(f'train_{name}', key, time.time() - t0, True)
-            continue
-        if stages.started_with(f'train_{name}') != key and os.path.isdir(exp):
-            # made from other options or another teacher: start again; an interrupted run started
-            # with the same options resumes (--auto_resume)
-            shutil.rmtree(exp)
-        stages.start(f'train_{name}', key)
-        yml = dump(opt, os.path.join(work, 'options_demo', f'{name}.yml'))
-        run([py, '-m', 'dtkd.train', '-opt', yml, '--auto_resume'], env=env)
-        if not os.path.isfile(ckpt):
-            raise OptionError(f'training {name} finished without writing {ckpt}')
-        stages.done(f'train_{name}', key, time.time() - t0, False)
+        ckpts[name] = train_student(work, opt, teacher_key, stages, env)
 
     # ------------------------------------------------------------------ 4. evaluation
     runs = [('demo_eval_teacher', None)] + [(f'demo_eval_{name[5:]}', name) for name, *_ in STUDENTS]
@@ -363,7 +407,6 @@ def main(argv=None):
     for i, (run_name, student) in enumerate(runs):
         header(f'4/5 Evaluation {i + 1}/{len(runs)}: {"teacher" if student is None else student} on the held-out '
                'photographs')
-        t0 = time.time()
         if student is None:
             opt = teacher_test_options(teacher_opt, teacher_file, data, run_name, torch_cuda())
             weights = resolve(teacher_opt['unet']['ckpt'])
@@ -371,22 +414,7 @@ def main(argv=None):
             label = next(s for s in STUDENTS if s[0] == student)
             opt = student_test_options(run_name, ckpts[student], data, label[2], label[3])
             weights = ckpts[student]
-        res = os.path.join(work, 'results', run_name)
-        key = fingerprint(opt, file_digest(weights), data['test_gt'], file_digest(os.path.join(
-            data['root'], 'manifest.json')))
-        summary = os.path.join(res, 'summary.json')
-        if stages.valid(f'eval_{run_name}', key, [summary]):
-            print(f'reusing {summary}')
-            stages.done(f'eval_{run_name}', key, time.time() - t0, True)
-        else:
-            stages.start(f'eval_{run_name}', key)
-            if os.path.isdir(res):
-                shutil.rmtree(res)
-            yml = dump(opt, os.path.join(work, 'options_demo', f'{run_name}.yml'))
-            run([py, '-m', 'dtkd.test', '-opt', yml], env=env)
-            if not os.path.isfile(summary):
-                raise OptionError(f'evaluation {run_name} finished without writing {summary}')
-            stages.done(f'eval_{run_name}', key, time.time() - t0, False)
+        summary = evaluate(work, opt, weights, data, stages, env)
         with open(summary, encoding='utf-8') as f:
             summaries[run_name] = json.load(f)['results']['demo_test']
 

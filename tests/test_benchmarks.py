@@ -239,3 +239,23 @@ def test_benchmark_train_step_reports_the_cost_of_distillation():
                      r'([0-9.]+)% of a DTKDModel iteration', out)
     assert line and float(line.group(1)) > 0
     assert float(line.group(2)) == pytest.approx(100 * float(line.group(1)) / float(rows['DTKDModel'][1]), abs=0.06)
+
+
+def test_benchmark_engines_runs_every_variant(capsys, monkeypatch):
+    """scripts/benchmark_engines.py on the tiny student at 8x8: every variant of this CPU in the accuracy check
+    and the timing table; the bf16 variants follow the CPU flags."""
+    script = load_script('benchmark_engines')
+    monkeypatch.setattr(script, 'NETWORK_G', dict(TINY_STUDENT, type='SwinIRStudent'))
+    assert script.main(['--sizes', '8', '--repeats', '1', '--warmup', '0', '--threads', '1', '--psnr-size', '8']) == 0
+    out = capsys.readouterr().out
+    names = [v[0] for v in script.variants()]
+    assert 'machine: ' in out and 'ONNX export' in out
+    rows = table_rows(out.split('### Forward pass')[1])
+    assert [r[0] for r in rows] == ['BasicSR SwinIR fp32'] + names and all(float(r[1]) > 0 for r in rows)
+    accuracy = table_rows(out.split('### Accuracy')[1].split('###')[0])
+    assert [r[0] for r in accuracy] == names and all(r[4] == 'yes' for r in accuracy)
+    for bf16 in (True, False):
+        monkeypatch.setattr(script, 'cpu_supports_bf16', lambda b=bf16: b)
+        monkeypatch.setattr(script, 'openvino_has_bf16', lambda b=bf16: b)
+        expected = ['onnxruntime fp32', 'OpenVINO fp32'] + ['OpenVINO bf16'] * bf16
+        assert [v[0] for v in script.variants()] == ['SwinIRStudent bf16 autocast'] * bf16 + expected

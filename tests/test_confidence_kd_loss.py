@@ -148,3 +148,100 @@ def test_the_hand_written_haar_is_orthonormal_and_matches_dwt_kd():
     by_hand = sum(w * sum(b.abs().sum() for b in bands) / sum(b.numel() for b in bands)
                   for w, bands in zip((1, 2, 1), groups_by_hand(x - y).values()))
     assert abs(DWTKDLoss()(x, y).item() - by_hand.item()) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------- teacher_spread
+SPREAD = {'type': 'teacher_spread', 'tau': TAU}
+
+
+def spread_loss_by_hand(student, teacher, samples, tau, weights=(1, 2, 1)):
+    """The documented formula with the hand-written Haar: c = w(std over the K samples of each coefficient)."""
+    per_sample = [groups_by_hand(samples[:, k]) for k in range(samples.shape[1])]
+    s_groups = groups_by_hand(student - teacher)
+    total = 0
+    for (name, s_bands), w in zip(s_groups.items(), weights):
+        num = count = 0
+        for i, s in enumerate(s_bands):
+            coeffs = torch.stack([p[name][i] for p in per_sample])  # (K, B, C, h, w)
+            spread = coeffs.std(dim=0, unbiased=True)
+            excess = torch.clamp(spread - tau, min=0) / tau
+            num = num + (torch.exp(-excess ** 2) * s.abs()).sum()
+            count += s.numel()
+        total = total + w * num / count
+    return total
+
+
+def test_spread_matches_the_independent_computation():
+    student, teacher, _ = images(10)
+    g = torch.Generator().manual_seed(11)
+    # spreads around tau: every regime of the weight occurs
+    samples = teacher[:, None] + 0.04 * torch.randn((2, 4, 3, 32, 32), generator=g, dtype=teacher.dtype)
+    loss = ConfidenceDWTKDLoss(confidence=SPREAD)
+    value = loss(student, teacher, teacher_samples=samples)
+    assert abs(value.item() - spread_loss_by_hand(student, teacher, samples, TAU).item()) < 1e-12
+    assert all(0 < float(c) < 1 for c in loss.last_confidence.values())
+
+
+def test_identical_samples_give_plain_dwt_kd():
+    student, teacher, _ = images(12)
+    plain = DWTKDLoss(loss_weight=2.0)(student, teacher)
+    loss = ConfidenceDWTKDLoss(loss_weight=2.0, confidence=SPREAD)
+    value = loss(student, teacher, teacher_samples=teacher[:, None].repeat(1, 3, 1, 1, 1))
+    assert value.item() == pytest.approx(plain.item(), rel=0, abs=1e-14)
+    assert all(float(c) == 1.0 for c in loss.last_confidence.values())
+
+
+def test_where_the_samples_disagree_the_gradient_falls_and_is_unchanged_elsewhere():
+    """Samples that agree up to a small noise (spread << tau) except in an 8x8 region, where they invent
+    different textures (coefficients of +-0.5): the student's gradient there falls by >= 10x against
+    plain DWT-KD; outside (the region is aligned to the 4x4 support of the two-level Haar
+    coefficients) it is plain DWT-KD's exactly."""
+    student, teacher, _ = images(13)
+    g = torch.Generator().manual_seed(14)
+    k = 4
+    samples = teacher[:, None] + 0.002 * torch.randn((2, k, 3, 32, 32), generator=g, dtype=teacher.dtype)
+
+    def coefficients(size):
+        return 0.5 * torch.sign(torch.randn(2, 3, size, size, generator=g, dtype=teacher.dtype))
+
+    for i in range(0, k, 2):  # samples 2j and 2j + 1 invent opposite textures: no coefficient agrees
+        ll1 = inverse_haar_level(coefficients(2), [coefficients(2) for _ in range(3)])
+        texture = inverse_haar_level(ll1, [coefficients(4) for _ in range(3)])
+        samples[:, i, :, 8:16, 12:20] += texture
+        samples[:, i + 1, :, 8:16, 12:20] -= texture
+    teacher = samples[:, 0].clone()  # the distillation target is sample 0, artifact included
+    region = torch.zeros_like(teacher, dtype=torch.bool)
+    region[..., 8:16, 12:20] = True
+    grads = {}
+    for name, loss in (('plain', DWTKDLoss()), ('spread', ConfidenceDWTKDLoss(confidence=SPREAD))):
+        s = student.clone().requires_grad_(True)
+        (loss(s, teacher) if name == 'plain' else loss(s, teacher, teacher_samples=samples)).backward()
+        grads[name] = s.grad
+    inside = grads['plain'][region].abs().mean() / grads['spread'][region].abs().mean()
+    assert inside >= 10, inside.item()
+    torch.testing.assert_close(grads['spread'][~region], grads['plain'][~region], atol=1e-15, rtol=0)
+
+
+def test_the_spread_is_not_a_path_for_gradients_and_the_target_is_the_teacher():
+    student, teacher, _ = images(15)
+    g = torch.Generator().manual_seed(16)
+    samples = (teacher[:, None] + 0.05 * torch.randn((2, 3, 3, 32, 32), generator=g,
+                                                      dtype=teacher.dtype)).requires_grad_(True)
+    teacher.requires_grad_(True)
+    loss = ConfidenceDWTKDLoss(confidence=SPREAD)
+    loss(student.requires_grad_(True), teacher, teacher_samples=samples).backward()
+    assert samples.grad is None  # the samples only enter the (detached) weights
+    torch.testing.assert_close(teacher.grad, -student.grad, atol=1e-15, rtol=0)
+    # a student equal to the teacher (sample 0 here, not the samples' mean) has zero loss
+    assert loss(teacher.detach(), teacher.detach(), teacher_samples=samples.detach()).item() == 0
+
+
+def test_spread_input_errors():
+    student, teacher, _ = images(17)
+    loss = ConfidenceDWTKDLoss(confidence=SPREAD)
+    with pytest.raises(ValueError, match='teacher_samples'):
+        loss(student, teacher)
+    with pytest.raises(ValueError, match='K >= 2'):
+        loss(student, teacher, teacher_samples=teacher[:, None])
+    with pytest.raises(ValueError, match=r'\(B, K, C, H, W\)'):
+        loss(student, teacher, teacher_samples=teacher)

@@ -156,3 +156,49 @@ def test_compile_on_cuda_trains_a_few_iterations(tiny_pairs, tmp_path, precision
     keys = list(SwinIRStudent(**params).state_dict())
     for name in ('net_g_2.pth', 'net_g_latest.pth'):
         assert list(torch.load(exp / 'models' / name, weights_only=True)['params']) == keys
+
+
+def test_realworld_path_with_a_bf16_online_teacher(tiny_pairs, tmp_path):
+    """RealWorldDTKDModel on CUDA: the degradation on the device, reproducible from its key; the online
+    teacher in bf16 autocast (teacher.precision auto) on exactly the student's LQ; the runner trains."""
+    import cv2
+    from basicsr.models import build_model
+    from test_online_teacher import tiny_teacher_file
+    from test_realworld_train import gt_batch, realworld_options
+
+    from conftest import photo, write_rgb
+
+    write_rgb(str(tmp_path / 'gt' / 'gt' / 'astronaut.png'), cv2.resize(photo('astronaut'), (400, 400)))
+    (tmp_path / 'gt' / 'meta_info.txt').write_text('astronaut.png\n')
+    (tmp_path / 'teacher').mkdir()
+    teacher_yml = tiny_teacher_file(tmp_path / 'teacher')
+    opt = realworld_options(tiny_pairs, tmp_path / 'gt', teacher_yml, 'gpu_realworld', total_iter=4)
+    opt['num_gpu'] = 1
+    model = build_model(dict(copy.deepcopy(opt), is_train=True, dist=False, rank=0, world_size=1))
+    assert model.online_teacher.precision == 'bf16' and model.device.type == 'cuda'
+    seen = []
+    sample = model.online_teacher.sample
+    model.online_teacher.sample = lambda lq, generator=None: seen.append(lq.clone()) or sample(lq, generator)
+    model.feed_data({'gt': gt_batch(tmp_path / 'gt')})
+    model.optimize_parameters(1)
+    assert model.lq.is_cuda and len(seen) == 1 and torch.equal(seen[0], model.lq)
+    assert torch.isfinite(model.teacher).all() and model.log_dict['l_kd'] == model.log_dict['l_kd']
+    lq = model.lq.clone()
+    model.feed_data({'gt': gt_batch(tmp_path / 'gt')})
+    model.optimize_parameters(1)
+    # the same key on the device: the same degradation (up to an 8-bit rounding flip, should a kernel
+    # choose another algorithm)
+    assert float((model.lq - lq).abs().max()) <= 1.01 / 255 and float((model.lq - lq).abs().mean()) < 1e-3
+    # bf16 teacher against the fp32 one on the same LQ and noise (random tiny networks amplify rounding)
+    from dtkd_teacher.teacher import ResShiftTeacher
+
+    fp32 = ResShiftTeacher.from_options(teacher_yml, device='cuda', precision='fp32')
+    gens = [torch.Generator().manual_seed(i) for i in range(lq.shape[0])]
+    ref = fp32.sample(lq, generator=gens)
+    gens = [torch.Generator().manual_seed(i) for i in range(lq.shape[0])]
+    out = sample(lq, gens)
+    assert float((out - ref).abs().mean()) < 0.15
+    result = run_cli(['-m', 'dtkd.train', '-opt', write_yaml(tmp_path / 'train.yml', opt)], cwd=str(tmp_path),
+                     timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isfile(tmp_path / 'experiments' / 'gpu_realworld' / 'models' / 'net_g_4.pth')

@@ -17,6 +17,7 @@ TEST_FILES = sorted(glob.glob(os.path.join(REPO, 'options', 'test', '*.yml')))
 # file -> (kd loss type, level, group weights, schedule type, final weight); None = no distillation
 EXPECTED = {
     'train_dtkd.yml': ('DWTKDLoss', 2, [1, 2, 1], 'linear', 2.0),
+    'train_dtkd_realworld.yml': ('DWTKDLoss', 2, [1, 2, 1], 'linear', 2.0),
     'train_swinir_small_l1.yml': None,
     'train_kd_l1.yml': ('L1Loss', None, None, 'linear', 2.0),
     'train_dwt_level1.yml': ('DWTKDLoss', 1, [1, 0, 1], 'linear', 2.0),
@@ -33,6 +34,7 @@ EXPECTED = {
     'train_schedule_linear3.yml': ('DWTKDLoss', 2, [1, 2, 1], 'linear', 3.0),
     'train_augkd.yml': ('L1Loss', None, None, 'constant', 0.2),
     'train_dwt_confidence.yml': ('ConfidenceDWTKDLoss', 2, [1, 2, 1], 'linear', 2.0),
+    'train_dwt_spread.yml': ('ConfidenceDWTKDLoss', 2, [1, 2, 1], 'linear', 2.0),
     'train_dwt_adaptive.yml': ('DWTKDLoss', 2, {'type': 'adaptive', 'base': [1, 2, 1], 'alpha': 1.0, 'momentum': 0.99,
                                                 'low': 0.25, 'high': 4.0}, 'linear', 2.0),
 }
@@ -50,13 +52,16 @@ def test_training_option_file(path):
     from dtkd_model.kd_schedule import KDWeightSchedule
 
     opt = load_yaml(path)
+    realworld = opt['model_type'] == 'RealWorldDTKDModel'  # LQ made on the fly, SinSR teacher online
     if 'teacher' in opt:  # an online teacher: its weights are checked with the options
         official = copy.deepcopy(opt)
-        with pytest.raises(MissingFileError, match='resshift_realsrx4_s15_v1.pth'):
+        weights = 'SinSR_v1.pth' if realworld else 'resshift_realsrx4_s15_v1.pth'
+        with pytest.raises(MissingFileError, match=weights.replace('.', r'\.')):
             validate_options(official, is_train=True)
         opt['teacher']['opt'] = 'options/demo/resshift_demo_x4.yml'  # committed weights
     validate_options(opt, is_train=True)
-    assert opt['model_type'] == ('AugKDModel' if 'augkd' in path else 'DTKDModel')
+    model_type = 'AugKDModel' if 'augkd' in path else 'RealWorldDTKDModel' if 'realworld' in path else 'DTKDModel'
+    assert opt['model_type'] == model_type
     assert opt['network_g']['embed_dim'] == 60 and opt['network_g']['depths'] == [6, 6, 6, 6]
     assert opt['train']['pixel_opt'] == {'type': 'L1Loss', 'loss_weight': 1.0, 'reduction': 'mean'}
     expected = EXPECTED[os.path.basename(path)]
@@ -69,7 +74,10 @@ def test_training_option_file(path):
     assert kd['type'] == kd_type and kd['loss_weight'] == final
     if level is not None:
         assert kd['level'] == level and kd['group_weights'] == weights
-    assert train_set['dataroot_teacher'].endswith('.lmdb')
+    if realworld:  # no cache: the teacher labels each degraded batch online
+        assert 'dataroot_teacher' not in train_set and 'teacher' in opt and 'degradation' in opt
+    else:
+        assert train_set['dataroot_teacher'].endswith('.lmdb')
     build_loss(dict(kd))  # every loss configuration constructs
     sched = KDWeightSchedule.from_options(opt['train']['kd_schedule'], final, opt['train']['total_iter'])
     total = opt['train']['total_iter']

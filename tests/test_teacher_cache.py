@@ -10,6 +10,7 @@ differ in the last float bits, so a few 8-bit values may differ by one grey leve
 import copy
 import hashlib
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -308,3 +309,149 @@ def test_cli_prints_one_line_errors(teacher_opt, tmp_path, capsys):
                         str(tmp_path / 'o'), '--no-progress']) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: --input') and 'nowhere' in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------- K samples
+def expected_sample(teacher, lq_bgr, key, seed, k):
+    """Sample k >= 1 of ``key``, independently: the hashlib seed of f'{seed}:{key}/sample{k}'."""
+    return expected_sr(teacher, lq_bgr, f'{key}/sample{k}', seed) if k else expected_sr(teacher, lq_bgr, key, seed)
+
+
+@pytest.fixture(scope='module')
+def three_samples(teacher_opt, data, tmp_path_factory):
+    """An uninterrupted K = 3 run into a folder, seed 7 (the reference's settings)."""
+    root, _ = data
+    out = str(tmp_path_factory.mktemp('samples') / 'teacher')
+    stats = generate_teacher_outputs(teacher_opt, str(root / 'lq'), out, gt_path=str(root / 'gt'),
+                                     filename_tmpl='{}x4', seed=7, progress=False, samples=3)
+    assert stats['written'] == 9 and stats['samples'] == 3
+    return out
+
+
+def test_sample_0_is_the_single_sample_cache_and_the_samples_differ(teacher_opt, data, reference, three_samples):
+    from dtkd_teacher.teacher import ResShiftTeacher
+
+    root, lqs = data
+    assert folder_entries(three_samples) == folder_entries(reference)  # byte for byte
+    assert sorted(os.listdir(three_samples)) == ['img0.png', 'img1.png', 'img2.png', 'sample1', 'sample2',
+                                                 'teacher_cache.json']
+    teacher = ResShiftTeacher.from_options(teacher_opt)
+    for k in (1, 2):
+        store = os.path.join(three_samples, f'sample{k}')
+        record = yaml.safe_load(open(os.path.join(store, 'teacher_cache.json')))
+        assert record['sample'] == k and record['seed'] == 7
+        stored = cv2.imread(os.path.join(store, 'img1.png'), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(stored, expected_sample(teacher, lqs['img1'], 'img1', 7, k))
+    images = [cv2.imread(os.path.join(three_samples, *([f'sample{k}'] if k else []), 'img0.png')).astype(int)
+              for k in range(3)]
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert np.abs(images[a] - images[b]).mean() > 0.5, (a, b)  # different draws, not rounding
+    # the single-sample record is unchanged: a K = 1 cache extends to K samples
+    assert open(os.path.join(three_samples, 'teacher_cache.json')).read() == \
+        open(os.path.join(reference, 'teacher_cache.json')).read()
+
+
+def test_a_single_sample_cache_grows_and_an_interrupted_run_resumes(teacher_opt, data, reference, three_samples,
+                                                                    tmp_path):
+    import shutil
+
+    root, _ = data
+    out = str(tmp_path / 'teacher')
+    shutil.copytree(reference, out)  # a K = 1 cache made before
+    args = dict(gt_path=str(root / 'gt'), filename_tmpl='{}x4', seed=7, progress=False, samples=3)
+    first = generate_teacher_outputs(teacher_opt, str(root / 'lq'), out, limit=4, **args)  # then "killed"
+    assert first['written'] == 4 and first['skipped'] == 3
+    second = generate_teacher_outputs(teacher_opt, str(root / 'lq'), out, **args)
+    assert second['written'] == 2 and second['skipped'] == 7
+    for k in range(3):
+        sub = [f'sample{k}'] if k else []
+        assert folder_entries(os.path.join(out, *sub)) == folder_entries(os.path.join(three_samples, *sub))
+
+
+def test_sharded_samples_equal_one_process(teacher_opt, data, three_samples, tmp_path):
+    import threading
+
+    root, _ = data
+    out = str(tmp_path / 'sharded')
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def shard(rank):
+        try:
+            generate_teacher_outputs(teacher_opt, str(root / 'lq'), out, gt_path=str(root / 'gt'),
+                                     filename_tmpl='{}x4', seed=7, progress=False, samples=3, rank=rank,
+                                     world_size=2, barrier=lambda: barrier.wait(timeout=120))
+        except Exception as err:  # noqa: BLE001  (reported below)
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=shard, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k in range(3):
+        sub = [f'sample{k}'] if k else []
+        assert folder_entries(os.path.join(out, *sub)) == folder_entries(os.path.join(three_samples, *sub))
+
+
+def test_lmdb_samples_feed_the_dataset_with_one_crop(teacher_opt, data, tmp_path):
+    root, _ = data
+    out = str(tmp_path / 'teacher.lmdb')
+    generate_teacher_outputs(teacher_opt, str(root / 'lq.lmdb'), out, gt_path=str(root / 'gt.lmdb'), seed=7,
+                             progress=False, samples=2, batch_size=2)
+    assert sorted(read_meta_info(os.path.join(out, 'sample1.lmdb'))) == ['img0', 'img1', 'img2']
+    opt = {'phase': 'train', 'scale': 4, 'io_backend': {'type': 'lmdb'}, 'gt_size': 32, 'use_hflip': True,
+           'use_rot': True, 'dataroot_gt': str(root / 'gt.lmdb'), 'dataroot_lq': str(root / 'lq.lmdb'),
+           'dataroot_teacher': out, 'teacher_samples': 2}
+    stored = {k: cv2.imdecode(np.frombuffer(v, np.uint8), cv2.IMREAD_COLOR)
+              for k, v in lmdb_entries(os.path.join(out, 'sample1.lmdb')).items()}
+    teacher_full = cv2.imdecode(np.frombuffer(lmdb_entries(out)['img0'], np.uint8), cv2.IMREAD_COLOR)
+    ds = PairedTeacherDataset(opt)  # its reader keeps the LMDBs open from here on
+    np.random.seed(3)
+    item = ds[0]
+    assert item['teacher_samples'].shape == (2, 3, 32, 32)
+    torch.testing.assert_close(item['teacher_samples'][0], item['teacher'], atol=0, rtol=0)
+    # sample 1's patch is a window of the stored sample 1 under the same crop and flip/rotation as the
+    # teacher's: find the teacher patch in the stored teacher image by the same transform
+    patch_t = (item['teacher'].numpy().transpose(1, 2, 0)[..., ::-1] * 255).round().astype(np.uint8)
+    patch_s = (item['teacher_samples'][1].numpy().transpose(1, 2, 0)[..., ::-1] * 255).round().astype(np.uint8)
+    found = False
+    for flip in (None, 0, 1, -1):
+        for rot in range(4):
+            t_img, s_img = teacher_full, stored['img0']
+            if flip is not None:
+                t_img, s_img = cv2.flip(t_img, flip), cv2.flip(s_img, flip)
+            t_img, s_img = np.rot90(t_img, rot), np.rot90(s_img, rot)
+            h, w = t_img.shape[:2]
+            for y in range(0, h - 31, 4):
+                for x in range(0, w - 31, 4):
+                    if np.array_equal(t_img[y:y + 32, x:x + 32], patch_t):
+                        found = found or np.array_equal(s_img[y:y + 32, x:x + 32], patch_s)
+    assert found
+
+
+def test_missing_samples_and_foreign_sample_stores_are_refused(teacher_opt, data, tmp_path):
+    root, _ = data
+    out = str(tmp_path / 'teacher.lmdb')
+    generate_teacher_outputs(teacher_opt, str(root / 'lq.lmdb'), out, gt_path=str(root / 'gt.lmdb'), seed=7,
+                             progress=False, samples=2)
+    opt = {'phase': 'train', 'scale': 4, 'io_backend': {'type': 'lmdb'}, 'gt_size': 32,
+           'dataroot_gt': str(root / 'gt.lmdb'), 'dataroot_lq': str(root / 'lq.lmdb'),
+           'dataroot_teacher': out, 'teacher_samples': 3}
+    with pytest.raises(OptionError, match=r'datasets\.train\.teacher_samples=3.*sample 2.*sample2\.lmdb.*--samples 3'):
+        PairedTeacherDataset(opt)
+    with pytest.raises(OptionError, match=r'teacher_samples: expected an integer >= 2'):
+        PairedTeacherDataset(dict(opt, teacher_samples=1))
+    with pytest.raises(OptionError, match='--samples'):
+        generate_teacher_outputs(teacher_opt, str(root / 'lq.lmdb'), out, seed=7, samples=0)
+    # a sample store whose record says it is another sample (or made with other settings) is refused
+    record = os.path.join(out, 'sample1.lmdb', 'teacher_cache.json')
+    rec = json.load(open(record))
+    rec['sample'] = 2
+    open(record, 'w').write(json.dumps(rec))
+    with pytest.raises(OptionError, match=r'sample1\.lmdb was made with other settings \(differing: sample'):
+        generate_teacher_outputs(teacher_opt, str(root / 'lq.lmdb'), out, gt_path=str(root / 'gt.lmdb'), seed=7,
+                                 progress=False, samples=2)
