@@ -180,14 +180,14 @@ def plot(result, methods, out_png):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    labels = [METHODS[m][1].replace(' + ', '\n+ ') for m in methods]
+    labels = [METHODS[m][1].replace('DWT-KD + ', '+ ').replace(' weights', '') for m in methods]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     ax = axes[0]
     for i, m in enumerate(methods):
         s = result['summary'][m]['psnr']
         ax.scatter([i] * len(s['per_seed']), s['per_seed'], s=14, color='0.5', zorder=3)
         ax.errorbar([i], [s['mean']], yerr=[s['std']], fmt='o', color='C0', capsize=4, zorder=4)
-    ax.set_xticks(range(len(methods)), labels, fontsize=7)
+    ax.set_xticks(range(len(methods)), labels, fontsize=7, rotation=25, ha='right')
     ax.set_ylabel('PSNR (dB, Y)')
     ax.set_title('PSNR: seeds (grey), mean ± std (blue)', fontsize=9)
     width = 0.8 / len(methods)
@@ -272,17 +272,16 @@ def parse_args(argv=None):
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS),
                         help=f'methods to train (default: all; the paired tests need {BASELINE})')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2], help='manual_seed of the runs')
-    parser.add_argument('--iters', type=int, default=300, help='training iterations per run')
+    parser.add_argument('--iters', type=int, default=250,
+                        help='training iterations per run (250: the 18 runs take about an hour on 2 shared CPU cores)')
     parser.add_argument('--batch-size', type=int, default=4, help='student batch size')
-    parser.add_argument('--gt-size', type=int, default=None, help='student GT patch size (default 96; tiny: 64)')
+    parser.add_argument('--gt-size', type=int, default=64, help='student GT patch size (default 64)')
     parser.add_argument('--teacher', default=run_demo.DEMO_TEACHER, help='teacher option file')
     parser.add_argument('--teacher-precision', choices=('fp32', 'bf16'), default='fp32')
     parser.add_argument('--preset', default='full', choices=['full', 'tiny'], help='demo data size (tiny: tests)')
     parser.add_argument('--work', default='.', help='folder that receives datasets/, experiments/, results/')
     parser.add_argument('--out', default=None, help='report folder (default <work>/results/study)')
     args = parser.parse_args(argv)
-    if args.gt_size is None:
-        args.gt_size = 64 if args.preset == 'tiny' else 96
     for key in ('iters', 'batch_size', 'gt_size'):
         if getattr(args, key) < 1:
             parser.error(f'--{key.replace("_", "-")} must be positive')
