@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) scripts/benchmark_teacher.py --random-weights --device $(DEVICE) --steps 15 1 --repeats 3 > results/bench/benchmark_teacher.md
 	$(PY) scripts/benchmark_complexity.py --random-weights --device $(DEVICE) > results/bench/benchmark_complexity.md
 	$(PY) scripts/benchmark_train_step.py --iters 15 --warmup 3 --device $(DEVICE) > results/bench/benchmark_train_step.md
+	$(PY) scripts/benchmark_engines.py --threads 2 --repeats 11 --warmup 2 > results/bench/benchmark_engines.md
 	@cat results/bench/*.md
 
 clean:

@@ -7,7 +7,7 @@ the graph. For SwinIR students (``SwinIRStudent``, or BasicSR's ``SwinIR``: same
 traced is BasicSR's ``SwinIR``, with its shifted-window attention mask computed in the graph from the
 padded input size rather than stored for one size, so one file serves every size. The network is traced
 once at a fixed example size with ``torch.onnx.export(dynamo=False)``, height and width marked dynamic
-(12-22 s for the paper's student on a shared 2-vCPU machine; the torch.export-based exporter takes
+(10-22 s for the paper's student on a shared 2-vCPU machine; the torch.export-based exporter takes
 minutes for the same graph). The batch is fixed at one image. The file carries its scale and window
 size as metadata (``scale``, ``min_size``), which :func:`graph_info` reads back.
 """

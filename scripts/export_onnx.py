@@ -6,7 +6,7 @@
 The graph takes ``lq``: (1, C, H, W) float32 RGB in [0, 1] (any H, W >= the window size) and returns
 ``sr``: (1, C, scale*H, scale*W), with the padding to the window size inside; see ``dtkd.onnx_export``
 (the same export ``dtkd-infer --engine onnxruntime|openvino`` runs on the fly). Tracing with
-``torch.onnx.export(dynamo=False)`` took 12-22 s for the paper's student on a shared 2-vCPU machine;
+``torch.onnx.export(dynamo=False)`` took 10-22 s for the paper's student on a shared 2-vCPU machine;
 the torch.export-based exporter takes minutes for the same graph. The file also runs in
 ``dtkd-infer --engine onnxruntime|openvino --onnx FILE``.
 
