@@ -27,6 +27,16 @@ def _reset_logging():
         logging.getLogger(name).handlers.clear()
 
 
+def _default_sigchld():
+    """No SIGCHLD handler in the test process while its children live.
+
+    A DataLoader with workers leaves torch's Python SIGCHLD handler installed in the test process, and
+    OpenVINO's CPU plugin gives the compiling thread an alternate signal stack; with both, the SIGCHLD
+    of a killed child was seen to end the test process with SIGSEGV on a CPU with AMX. The handler
+    only watches DataLoader workers, none of which runs while a forked child does."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 def start(fn, log_path, cwd=None, argv=None, env=None):
     """Run ``fn()`` in a forked child; its stdout/stderr go to ``log_path``. Returns the pid.
 
@@ -35,6 +45,7 @@ def start(fn, log_path, cwd=None, argv=None, env=None):
     The child exits with ``fn``'s return value (0 for None), the code of a ``SystemExit``, or 1
     after printing the traceback of any other exception.
     """
+    _default_sigchld()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
