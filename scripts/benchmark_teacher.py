@@ -23,6 +23,7 @@ teacher goes (rate of the UNet, encoder and decoder against a plain 3x3 convolut
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -119,7 +120,6 @@ def psnr(a, b):
 
 def compare_official(args, opt, teacher, device, size):
     """Side-by-side timing of the official sampler and ResShiftTeacher (fp32), and their largest difference."""
-    import statistics
 
     if args.random_weights:
         perturb_zero_layers(teacher)
@@ -256,12 +256,16 @@ def main(argv=None):
     parser.add_argument('--repeats', type=int, default=1, help='timed images per setting (median reported)')
     parser.add_argument('--official-root', default=None,
                         help='ResShift checkout: time the official sampler against this one (first --steps value)')
+    parser.add_argument('--cache-batches', type=int, nargs='+', default=None, metavar='N',
+                        help='also time the teacher-output cache: images per second when N same-size images are '
+                             'sampled in one call, each with its own generator (as generate_teacher_outputs.py '
+                             '--batch-size N does), first --steps value and precision')
     parser.add_argument('--compare-bf16', action='store_true',
                         help='with --official-root: also time this teacher under bf16 autocast, with its PSNR')
     args = parser.parse_args(argv)
     try:
-        if args.repeats < 1 or min(args.steps) < 1:
-            raise OptionError('--repeats and --steps must be positive')
+        if args.repeats < 1 or min(args.steps) < 1 or min(args.cache_batches or [1]) < 1:
+            raise OptionError('--repeats, --steps and --cache-batches must be positive')
         device, precisions, (h, w), teacher = prepare_teacher_run(args)
         if args.official_root:
             from dtkd_teacher.cache import load_teacher_options
@@ -300,7 +304,37 @@ def main(argv=None):
           f'batch 1, {args.repeats} timed image(s) per row (median), after a 1-step warm-up per precision.\n')
     print(markdown_table(['Steps', 'Precision', 'Per image (s)', 'Per UNet step (ms)', 'Encode (ms)', 'Decode (ms)',
                           'Peak memory' + (' (GPU)' if device.type == 'cuda' else ' (RSS increase)')], rows))
+    if args.cache_batches:
+        print_cache_batches(teacher, device, precisions[0], args.steps[0], (h, w), args.cache_batches, args.repeats)
     return 0
+
+
+def _generators(n, call):
+    return [torch.Generator().manual_seed(1000 * call + i) for i in range(n)]
+
+
+def print_cache_batches(teacher, device, precision, steps, size, batches, repeats):
+    """Images per second of batched sampling, one generator per image, against batch 1."""
+    teacher.precision = precision
+    teacher.set_steps(steps)
+    rate = {}
+    for n in batches:
+        lq = torch.rand(n, 3, *size, generator=torch.Generator().manual_seed(n))
+        teacher.sample(lq, generator=_generators(n, 0))  # warm-up (allocations, kernel selection)
+        seconds = []
+        for r in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            teacher.sample(lq, generator=_generators(n, r + 1))
+            sync(device)
+            seconds.append(time.perf_counter() - start)
+        rate[n] = n / statistics.median(seconds)
+        print(f'  cache batch {n}: {rate[n]:.2f} images/s', file=sys.stderr)
+    base = rate.get(1)
+    rows = [[n, f'{rate[n]:.3f}', f'{rate[n] / base:.2f}x' if base else '-'] for n in batches]
+    print(f'\nTeacher-output cache: {steps} steps, {precision}, LR {size[0]}x{size[1]}, one generator per image, '
+          f'median of {repeats} call(s) per batch size after one warm-up call.\n')
+    print(markdown_table(['Batch', 'Images per second', 'vs batch 1'], rows))
 
 
 if __name__ == '__main__':

@@ -10,7 +10,9 @@ and one line saying so. Steps:
    fp16 with the gradient scaler, with and without channels-last), train.compile, dtkd-infer with and
    without tiles, a one-process NCCL start, the real-world path with a bf16 online teacher;
 2. the student's latency and training speed (``benchmark_student.py --device cuda``);
-3. the teacher's latency and the teacher/student ratio (``benchmark_teacher.py``, random weights);
+3. the teacher's latency and the teacher/student ratio, and the teacher-output cache's images per
+   second at batch 1, 8 and 32 (``benchmark_teacher.py --cache-batches``, random weights; the goal is
+   5x the rate of batch 1);
 4. FLOPs and parameters (``benchmark_complexity.py``);
 5. a training step (``benchmark_train_step.py --device cuda``);
 6. a training step at batch 64 with the full-size teachers online in bf16 (SinSR 1 step, ResShift v3
@@ -18,7 +20,7 @@ and one line saying so. Steps:
    ``benchmark_train_step.py --device cuda --online``; the goal is an online one-step iteration at
    most 3x a plain SRModel iteration.
 
-    python scripts/gpu_check.py [--out results/gpu] [--quick]
+    python scripts/gpu_check.py [--out results/gpu] [--only STEP ...]
 """
 import argparse
 import os
@@ -30,7 +32,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = [
     ('pytest_cuda', [sys.executable, '-m', 'pytest', '-q', '-m', 'cuda', '-p', 'no:cacheprovider', 'tests']),
     ('benchmark_student', [sys.executable, 'scripts/benchmark_student.py', '--device', 'cuda']),
-    ('benchmark_teacher', [sys.executable, 'scripts/benchmark_teacher.py', '--random-weights', '--device', 'cuda']),
+    ('benchmark_teacher', [sys.executable, 'scripts/benchmark_teacher.py', '--random-weights', '--device', 'cuda',
+                           '--cache-batches', '1', '8', '32', '--repeats', '3']),
     ('benchmark_complexity', [sys.executable, 'scripts/benchmark_complexity.py', '--random-weights',
                               '--device', 'cuda']),
     ('benchmark_train_step', [sys.executable, 'scripts/benchmark_train_step.py', '--device', 'cuda']),

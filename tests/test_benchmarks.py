@@ -97,6 +97,19 @@ def test_benchmark_teacher_table(capsys, monkeypatch, native_bf16):
         assert float(row[2]) > 0 and float(row[3]) > 0 and float(row[4]) > 0 and float(row[5]) > 0
 
 
+def test_benchmark_teacher_cache_batches(capsys):
+    """The cache table: one row per batch size, rates positive, batch 1 at 1.00x."""
+    script = load_script('benchmark_teacher')
+    rc = script.main(['-opt', TINY, '--random-weights', '--lr-size', '8x12', '--steps', '1', '--device', 'cpu',
+                      '--precision', 'fp32', '--repeats', '1', '--cache-batches', '1', '3'])
+    out = capsys.readouterr().out
+    assert rc == 0 and 'Teacher-output cache: 1 steps, fp32' in out
+    rows = [r for r in table_rows(out) if r[0] in ('1', '3') and r[-1].endswith('x')]
+    assert [r[0] for r in rows] == ['1', '3'] and rows[0][2] == '1.00x'
+    assert all(float(r[1]) > 0 for r in rows)
+    assert script.main(['-opt', TINY, '--random-weights', '--device', 'cpu', '--cache-batches', '0']) == 2
+
+
 def test_benchmark_errors(capsys):
     script = load_script('benchmark_teacher')
     assert script.main(['-opt', TINY, '--random-weights', '--device', 'cpu', '--precision', 'fp16']) == 2
