@@ -120,8 +120,8 @@ class DTKDModel(SafeTrainingMixin, SRModel):
         if teacher_opt is not None and self.cri_kd is not None:
             self.online_teacher = self._build_online_teacher(teacher_opt)
         self.log_freq = int(self.opt.get('logger', {}).get('print_freq', 100))
-        self.kd_takes_gt = self.cri_kd is not None and self._accepts_gt(self.cri_kd)
-        self.kd_takes_samples = self.cri_kd is not None and self._accepts_gt(self.cri_kd, 'teacher_samples')
+        self.kd_takes_gt = self.cri_kd is not None and self._accepts_keyword(self.cri_kd, 'gt')
+        self.kd_takes_samples = self.cri_kd is not None and self._accepts_keyword(self.cri_kd, 'teacher_samples')
         self.grad_scaler = self._build_grad_scaler()
         self._setup_gpu_options(train_opt)
 
@@ -160,7 +160,7 @@ class DTKDModel(SafeTrainingMixin, SRModel):
             logger.info('train.compile: the student is compiled with torch.compile at the first iteration')
 
     @staticmethod
-    def _accepts_gt(loss, name='gt'):
+    def _accepts_keyword(loss, name):
         """Whether ``loss.forward`` takes a ``name`` keyword (or any keyword, ``**kwargs``)."""
         params = inspect.signature(loss.forward).parameters.values()
         return any(p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.kind == p.VAR_KEYWORD

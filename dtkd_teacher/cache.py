@@ -547,18 +547,16 @@ def generate_teacher_outputs(teacher_opt, input_path, output_path, gt_path=None,
 
 
 def group_jobs(jobs, batch_size):
-    """Consecutive jobs in groups of at most ``batch_size`` with equal LQ size (a job of another size
-    starts a new group), in order: each group is one batched ``teacher.sample`` call. A job is a
-    :class:`Job` or a ``(sample, Job)`` pair; pairs of different samples never share a group."""
-    def signature(job):
-        return (job[0], tuple(job[1].lq_hw)) if isinstance(job, tuple) else tuple(job.lq_hw)
-
+    """Consecutive ``(sample, Job)`` pairs in groups of at most ``batch_size`` with the same sample and
+    LQ size (a pair of another sample or size starts a new group), in order: each group is one batched
+    ``teacher.sample`` call, stored in one sample's output."""
     groups = []
-    for job in jobs:
-        if groups and len(groups[-1]) < batch_size and signature(groups[-1][0]) == signature(job):
-            groups[-1].append(job)
+    for sample, job in jobs:
+        head = groups[-1][0] if groups else None
+        if head and len(groups[-1]) < batch_size and (head[0], tuple(head[1].lq_hw)) == (sample, tuple(job.lq_hw)):
+            groups[-1].append((sample, job))
         else:
-            groups.append([job])
+            groups.append([(sample, job)])
     return groups
 
 

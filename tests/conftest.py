@@ -154,10 +154,7 @@ def read_keys(name):
     return rows
 
 
-@pytest.fixture
-def one_thread():
-    """torch on one CPU thread during the test (e.g. to compare bytes with forked children, which use one);
-    the previous thread count is restored afterwards, so later tests are not slowed down."""
+def _on_one_thread():
     import torch
 
     threads = torch.get_num_threads()
@@ -166,6 +163,21 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread during the test (e.g. to compare bytes with forked children, which use one);
+    the previous thread count is restored afterwards, so later tests are not slowed down."""
+    yield from _on_one_thread()
+
+
+@pytest.fixture(scope='module')
+def one_thread_module():
+    """``one_thread`` for a whole module (``pytestmark = pytest.mark.usefixtures('one_thread_module')``):
+    tiny networks gain nothing from threads, spinning threads slow down a shared machine, and equal thread
+    counts keep float reductions equal to those of subprocess runs with OMP_NUM_THREADS=1."""
+    yield from _on_one_thread()
 
 
 def run_cli(args, cwd, env_extra=None, timeout=300):

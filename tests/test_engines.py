@@ -28,12 +28,7 @@ MIN_BF16_PSNR = 35.0
 RUNS = [('onnxruntime', 'fp32'), ('openvino', 'fp32')] + ([('openvino', 'bf16')] if openvino_has_bf16() else [])
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread_module')
 
 
 @pytest.fixture(scope='module')

@@ -20,13 +20,7 @@ from conftest import TINY_STUDENT, photo, tiny_teacher_options, write_yaml
 from dtkd import infer
 from dtkd_arch.swinir_student_arch import SwinIRStudent
 
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread_module')
 
 
 def tiny_params():

@@ -19,13 +19,7 @@ from dtkd_data.realworld_degradation import (
     scoped_rng,
 )
 
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread_module')
 
 
 def gt_batch(size=128):

@@ -27,13 +27,7 @@ OPT_PATH = os.path.join(os.path.dirname(HERE), 'options', 'teacher', 'resshift_r
 TOL = 1e-4
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # tiny networks gain nothing from threads, and spinning threads slow down a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread_module')
 
 
 @pytest.fixture(scope='module')

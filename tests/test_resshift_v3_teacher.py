@@ -29,12 +29,7 @@ V1_PATH = os.path.join(os.path.dirname(HERE), 'options', 'teacher', 'resshift_re
 TOL = 1e-4
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread_module')
 
 
 @pytest.fixture(scope='module')

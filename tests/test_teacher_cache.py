@@ -42,13 +42,7 @@ IMAGES = [('img0', 'astronaut', 100, 180, 64, 64), ('img1', 'coffee', 150, 200, 
 MAX_OFF_BY_ONE = 12
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # the subprocess runs use OMP_NUM_THREADS=1; equal thread counts keep float reductions equal
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_thread_module')
 
 
 @pytest.fixture(scope='module')
@@ -153,13 +147,15 @@ def test_group_jobs_batches_consecutive_equal_sizes():
     sizes = [(16, 16), (16, 16), (16, 16), (12, 20), (16, 16), (16, 16), (12, 20)]
     jobs = [Job(f'k{i}', f'k{i}', hw, (4 * hw[0], 4 * hw[1])) for i, hw in enumerate(sizes)]
 
-    def keys(batch_size):
-        return [[j.key for j in group] for group in group_jobs(jobs, batch_size)]
+    def keys(batch_size, pairs=None):
+        return [[j.key for _, j in group] for group in group_jobs(pairs or [(0, j) for j in jobs], batch_size)]
 
     assert keys(1) == [[j.key] for j in jobs]
     assert keys(2) == [['k0', 'k1'], ['k2'], ['k3'], ['k4', 'k5'], ['k6']]
     assert keys(32) == [['k0', 'k1', 'k2'], ['k3'], ['k4', 'k5'], ['k6']]  # order kept, never re-sorted
     assert group_jobs([], 4) == []
+    # different teacher samples never share a group (each group goes to one sample's output)
+    assert keys(32, [(0, jobs[0]), (0, jobs[1]), (1, jobs[0]), (1, jobs[1])]) == [['k0', 'k1'], ['k0', 'k1']]
 
 
 def test_lmdb_cache_from_lmdb_batched_matches_folder_and_feeds_the_dataset(teacher_opt, data, reference, tmp_path,
