@@ -495,12 +495,18 @@ def write_report(report_dir, runs, summaries, stages, args, teacher_file, precis
     print('\n'.join(lines))
 
 
-if __name__ == '__main__':
+def run_cli(main, name):
+    """Exit with ``main()``'s status; an option error is one line (status 2), an interruption says that a
+    rerun resumes (status 130)."""
     try:
         sys.exit(main())
     except OptionError as err:
-        print(f'\nmake demo: error: {err}', file=sys.stderr)
+        print(f'\n{name}: error: {err}', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print('\nmake demo: interrupted; a rerun continues where this one stopped', file=sys.stderr)
+        print(f'\n{name}: interrupted; a rerun continues where this one stopped', file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == '__main__':
+    run_cli(main, 'make demo')

@@ -31,8 +31,6 @@ sys.path.insert(0, os.path.join(REPO, 'scripts'))
 
 import run_demo  # noqa: E402
 
-from dtkd_compat import OptionError  # noqa: E402
-
 METHODS = {
     # name: (source option file, label)
     'no_kd': ('options/ablation/train_swinir_small_l1.yml', 'no KD'),
@@ -376,11 +374,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main())
-    except OptionError as err:
-        print(f'\nmake study: error: {err}', file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print('\nmake study: interrupted; a rerun continues where this one stopped', file=sys.stderr)
-        sys.exit(130)
+    run_demo.run_cli(main, 'make study')
