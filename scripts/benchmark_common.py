@@ -5,6 +5,7 @@ convolutions only, at 2 FLOPs per multiply-accumulate (MAC): GMACs = GFLOPs / 2.
 activations, soft-max and element-wise additions are not counted. Counting runs the networks on fake
 tensors (``FakeTensorMode``: shapes without data), so it costs no arithmetic.
 """
+import math
 import os
 import platform
 import statistics
@@ -263,3 +264,35 @@ def markdown_table(header, rows):
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
     lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
     return '\n'.join(lines)
+
+
+def psnr(a, b):
+    """PSNR (dB) of images in [0, 1] (clamped), in float64."""
+    mse = torch.mean((a.clamp(0, 1) - b.clamp(0, 1)).double()**2).item()
+    return float('inf') if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def accuracy_table(forward, variants, inputs, reference, atol, min_psnr, caption):
+    """Print each variant's worst max abs difference and PSNR against ``reference`` over ``inputs``;
+    True if all pass (fp32 variants: max abs <= ``atol``; reduced precisions: PSNR >= ``min_psnr``).
+
+    forward(name, x): the output of variant ``name`` (or of ``reference``) for input ``x``;
+    variants: [(name, precision)]; caption: what the inputs are, for the heading."""
+    worst = {name: [0.0, float('inf')] for name, _ in variants}
+    with torch.inference_mode():
+        for x in inputs:
+            expected = forward(reference, x).float()
+            for name, _ in variants:
+                out = forward(name, x).float()
+                worst[name][0] = max(worst[name][0], (out - expected).abs().max().item())
+                worst[name][1] = min(worst[name][1], psnr(out, expected))
+    rows, ok = [], True
+    for name, precision in variants:
+        diff, value = worst[name]
+        passed = diff <= atol if precision == 'fp32' else value >= min_psnr
+        ok &= passed
+        need = f'max abs <= {atol:g}' if precision == 'fp32' else f'PSNR >= {min_psnr:g} dB'
+        rows.append([name, f'{diff:.2e}', f'{value:.2f}', need, 'yes' if passed else 'NO'])
+    print(f'\n### Accuracy against {reference} ({caption}; worst photograph)\n')
+    print(markdown_table(['variant', 'max abs difference', 'PSNR dB', 'requirement', 'passed'], rows))
+    return ok

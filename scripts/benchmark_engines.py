@@ -33,8 +33,8 @@ import dtkd_compat  # noqa: E402, F401  (must precede basicsr)
 # isort: split
 import torch  # noqa: E402
 from basicsr.archs.swinir_arch import SwinIR  # noqa: E402
-from benchmark_common import interleaved, machine_description, markdown_table, speedup_table  # noqa: E402
-from benchmark_student import PHOTOS, REFERENCE, photos_lr, psnr  # noqa: E402
+from benchmark_common import accuracy_table, interleaved, machine_description, markdown_table, speedup_table  # noqa: E402
+from benchmark_student import PHOTOS, REFERENCE, photos_lr  # noqa: E402
 
 from dtkd.engines import GraphEngine, openvino_has_bf16, require  # noqa: E402
 from dtkd.infer import PAPER_STUDENT  # noqa: E402
@@ -84,25 +84,10 @@ def build(network_g, state_dict, threads):
 
 def accuracy(nets, size):
     """Print the worst max abs difference and PSNR of each variant against the reference; True if all pass."""
-    worst = {name: [0.0, float('inf')] for name in nets if name != REFERENCE}
-    with torch.inference_mode():
-        for lr in photos_lr(size):
-            expected = nets[REFERENCE][0](lr).float()
-            for name in worst:
-                out = nets[name][0](lr).float()
-                worst[name][0] = max(worst[name][0], (out - expected).abs().max().item())
-                worst[name][1] = min(worst[name][1], psnr(out, expected))
-    rows, ok = [], True
-    for name, (diff, value) in worst.items():
-        fp32 = nets[name][1] == 'fp32'
-        passed = diff <= FP32_ATOL if fp32 else value >= MIN_PSNR
-        ok &= passed
-        need = f'max abs <= {FP32_ATOL:g}' if fp32 else f'PSNR >= {MIN_PSNR:g} dB'
-        rows.append([name, f'{diff:.2e}', f'{value:.2f}', need, 'yes' if passed else 'NO'])
-    print(f'\n### Accuracy against {REFERENCE} ({len(PHOTOS)} skimage.data photographs, {size}x{size} LR; '
-          'worst photograph)\n')
-    print(markdown_table(['variant', 'max abs difference', 'PSNR dB', 'requirement', 'passed'], rows))
-    return ok
+    return accuracy_table(lambda name, lr: nets[name][0](lr), [(name, p) for name, (_, p) in nets.items()
+                                                               if name != REFERENCE],
+                          photos_lr(size), REFERENCE, FP32_ATOL, MIN_PSNR,
+                          f'{len(PHOTOS)} skimage.data photographs, {size}x{size} LR')
 
 
 def main(argv=None):

@@ -21,7 +21,6 @@ Without --weights the networks have BasicSR's seeded random initialisation (spee
 the values; the accuracy check is then a check of arithmetic, not of a trained model).
 """
 import argparse
-import math
 import os
 import sys
 from collections import namedtuple
@@ -36,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from basicsr.archs.swinir_arch import SwinIR  # noqa: E402
-from benchmark_common import interleaved, machine_description, markdown_table, speedup_table  # noqa: E402
+from benchmark_common import accuracy_table, interleaved, machine_description, speedup_table  # noqa: E402
 
 from dtkd.infer import PAPER_STUDENT  # noqa: E402
 from dtkd_arch.swinir_student_arch import SwinIRStudent  # noqa: E402
@@ -98,34 +97,15 @@ def photos_lr(size):
         yield F.interpolate(img, size=(size, size), mode='bicubic', antialias=True, align_corners=False).clamp(0, 1)
 
 
-def psnr(a, b):
-    mse = torch.mean((a.clamp(0, 1) - b.clamp(0, 1)).double()**2).item()
-    return float('inf') if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
 def accuracy(nets, vs, device, size):
     """Print the worst max abs difference and PSNR of each variant against BasicSR's SwinIR; True if all pass."""
-    worst = {v.name: [0.0, float('inf')] for v in vs}
-    with torch.inference_mode():
-        for lr in photos_lr(size):
-            lr = lr.to(device)
-            expected = nets[REFERENCE][0](lr).float()
-            for v in vs:
-                net, channels_last = nets[v.name]
-                out = net(layout(lr, channels_last)).float()
-                worst[v.name][0] = max(worst[v.name][0], (out - expected).abs().max().item())
-                worst[v.name][1] = min(worst[v.name][1], psnr(out, expected))
-    rows, ok = [], True
-    for v in vs:
-        diff, value = worst[v.name]
-        passed = diff <= FP32_ATOL if v.precision == 'fp32' else value >= MIN_PSNR
-        ok &= passed
-        need = f'max abs <= {FP32_ATOL:g}' if v.precision == 'fp32' else f'PSNR >= {MIN_PSNR:g} dB'
-        rows.append([v.name, f'{diff:.2e}', f'{value:.2f}', need, 'yes' if passed else 'NO'])
-    print(f'\n### Accuracy against {REFERENCE} ({len(PHOTOS)} skimage.data photographs, centre crop, bicubic '
-          f'down to {size}x{size} LR; worst photograph)\n')
-    print(markdown_table(['variant', 'max abs difference', 'PSNR dB', 'requirement', 'passed'], rows))
-    return ok
+    def forward(name, lr):
+        net, channels_last = nets[name]
+        return net(layout(lr, channels_last))
+
+    return accuracy_table(forward, [(v.name, v.precision) for v in vs], [lr.to(device) for lr in photos_lr(size)],
+                          REFERENCE, FP32_ATOL, MIN_PSNR,
+                          f'{len(PHOTOS)} skimage.data photographs, centre crop, bicubic down to {size}x{size} LR')
 
 
 def inference(nets, device, args):
