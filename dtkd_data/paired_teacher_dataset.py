@@ -97,6 +97,9 @@ class PairedTeacherDataset(data.Dataset):
         self.teacher_folder = opt.get('dataroot_teacher')
         k = opt.get('teacher_samples')
         self.sample_folders = [teacher_sample_path(self.teacher_folder, i) for i in range(1, k)] if k else []
+        # the store behind each file-client key, for error messages
+        self.folders = {'gt': self.gt_folder, 'lq': self.lq_folder, 'teacher': self.teacher_folder,
+                        **{f'teacher{i}': f for i, f in enumerate(self.sample_folders, 1)}}
 
         if self.backend == 'lmdb':
             self.paths = self._paths_from_lmdb()
@@ -293,9 +296,7 @@ class PairedTeacherDataset(data.Dataset):
 
     # ------------------------------------------------------------------ reading
     def _read(self, path, client_key):
-        folders = {'gt': self.gt_folder, 'lq': self.lq_folder, 'teacher': self.teacher_folder}
-        folders.update({f'teacher{i}': f for i, f in enumerate(self.sample_folders, 1)})
-        folder = folders[client_key]
+        folder = self.folders[client_key]
         name = f'{client_key.upper()} image {path}' + (f' of {folder}' if self.backend == 'lmdb' else '')
         try:
             img_bytes = self.file_client.get(path, client_key)
