@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from dtkd_compat import OptionError
+from dtkd_utils.options import check_keys
 
 # ResShift's configs/realsr_swinunet_realesrgan256.yaml: `degradation` block and the kernel options of
 # data.train.params (identical in realsr_swinunet_realesrgan256_journal.yaml and SinSR's configs/SinSR.yaml)
@@ -97,15 +98,7 @@ def check_degradation_options(block, scale=None, prefix='degradation'):
     must equal."""
     if block is None:
         block = {}
-    if not isinstance(block, dict):
-        raise OptionError(f'{prefix}: expected a mapping of degradation options, got {type(block).__name__}')
-    unknown = sorted(set(block) - set(DEGRADATION_DEFAULTS))
-    if unknown:
-        import difflib
-
-        close = difflib.get_close_matches(unknown[0], DEGRADATION_DEFAULTS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ''
-        raise OptionError(f'{prefix}.{unknown[0]}: unknown option{hint}')
+    check_keys(block, DEGRADATION_DEFAULTS, prefix)
     o = {**DEGRADATION_DEFAULTS, **block}
     for key in _PROBS:
         if not _number(o[key]) or not 0 <= o[key] <= 1:
